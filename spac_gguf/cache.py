@@ -1,0 +1,99 @@
+"""ExpertCache: slot bookkeeping over the patched llama.cpp expert cache (the engine's SlotStore).
+
+The C side enforces exactness (a map may only name a slot whose copy finished and that holds that
+expert; a mapped or loading slot cannot be overwritten). This class keeps the Python view of which
+expert sits where, turns completed loads into published maps, and counts bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import native
+
+EMPTY, LOADING, READY = 0, 1, 2
+
+
+class ExpertCache:
+    """n_slots GPU (or host) slots per cacheable MoE layer of one llama context."""
+
+    def __init__(self, ctx_ptr, n_slots: int, on_host: bool = False):
+        if not native.available():
+            raise native.NativeError("this llama.cpp build has no expert cache (unpatched?)", -6)
+        self.ctx = ctx_ptr
+        self.n_layers = native.api.n_layer(ctx_ptr)
+        infos = [native.layer_info(ctx_ptr, il) for il in range(self.n_layers)]
+        moe = [i for i in infos if i.n_expert > 0]
+        if not moe:
+            raise native.NativeError("the target has no MoE layers", -7)
+        self.n_expert = max(i.n_expert for i in moe)
+        self.k = max(i.n_expert_used for i in moe)
+        self.expert_bytes = int(max(sum(i.expert_bytes) for i in moe))
+        native.check("cache_init", native.api.cache_init(ctx_ptr, n_slots, on_host))
+        self.n_slots = n_slots
+        self.cached_layers = np.array([native.layer_info(ctx_ptr, il).n_slots > 0 for il in range(self.n_layers)])
+        self.slot_bytes = int(native.api.cache_bytes(ctx_ptr))
+        L, S = self.n_layers, n_slots
+        self.slot_expert = np.full((L, S), -1, np.int32)
+        self.state = np.zeros((L, S), np.int8)
+        self.mapped = np.zeros((L, S), bool)
+        self._tickets: dict[int, tuple[int, int]] = {}
+        self._dirty: set[int] = set()
+        self.bytes_loaded = 0
+        self.loads = 0
+
+    # --- SlotStore protocol -------------------------------------------------------------------
+    def resident(self) -> np.ndarray:
+        """int32 [n_layers, n_slots]: the expert whose copy is complete in each slot, -1 otherwise."""
+        return np.where(self.state == READY, self.slot_expert, -1).astype(np.int32)
+
+    def load_async(self, layer: int, expert: int, slot: int) -> None:
+        """Start copying `expert` into `slot`; a mapped victim is unmapped first (between decodes)."""
+        if self.mapped[layer, slot]:
+            self.mapped[layer, slot] = False
+            self._set_map(layer)
+        ticket = native.check(f"load layer {layer} expert {expert} slot {slot}",
+                              native.api.cache_load(self.ctx, layer, expert, slot))
+        self._tickets[ticket] = (layer, slot)
+        self.slot_expert[layer, slot] = expert
+        self.state[layer, slot] = LOADING
+        self.bytes_loaded += self.expert_bytes
+        self.loads += 1
+
+    def poll(self) -> list[tuple[int, int]]:
+        done = []
+        for ticket, (layer, slot) in list(self._tickets.items()):
+            rc = native.check("poll", native.api.cache_poll(self.ctx, ticket))
+            if rc == 1:
+                del self._tickets[ticket]
+                self.state[layer, slot] = READY
+                self._dirty.add(layer)
+                done.append((layer, slot))
+        return done
+
+    def publish(self) -> None:
+        """Map every ready slot (only between decodes)."""
+        for layer in sorted(self._dirty):
+            self.mapped[layer] = self.state[layer] == READY
+            self._set_map(layer)
+        self._dirty.clear()
+
+    # --- helpers -------------------------------------------------------------------------------
+    def wait_all(self) -> None:
+        for ticket in list(self._tickets):
+            native.check("wait", native.api.cache_wait(self.ctx, ticket))
+        self.poll()
+
+    def slot_of_expert(self, layer: int) -> np.ndarray:
+        m = np.full(self.n_expert, -1, np.int32)
+        for s in np.nonzero(self.mapped[layer])[0]:
+            m[self.slot_expert[layer, s]] = s
+        return m
+
+    def _set_map(self, layer: int) -> None:
+        m = self.slot_of_expert(layer)
+        native.check(f"set_map layer {layer}", native.api.cache_set_map(self.ctx, layer, m.ctypes.data))
+
+    def read_slot(self, layer: int, slot: int, proj: int, nbytes: int) -> bytes:
+        buf = np.empty(nbytes, np.uint8)
+        native.check("read_slot", native.api.cache_read_slot(self.ctx, layer, slot, proj, buf.ctypes.data, nbytes))
+        return buf.tobytes()

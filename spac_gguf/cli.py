@@ -1,0 +1,223 @@
+"""`spac-gguf`: a thin shell over the Python API. Flags follow llama.cpp where they exist."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Run Mixture-of-Experts GGUF models with speculative decoding and a GPU expert cache.")
+demo_app = typer.Typer(add_completion=False, help="The built-in real-weights demo pair.")
+app.add_typer(demo_app, name="demo")
+
+
+class UsageError(Exception):
+    """A one-line message for the user; exit code 2."""
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    sys.stderr.write(f"spac-gguf: {msg}\n")
+    raise typer.Exit(code)
+
+
+def _guarded(fn):
+    """Turn every expected error into one line on stderr and exit code 2 — never a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from . import gguf_layout
+        from .llama_backend import BackendError
+        from .pair import InputError
+        try:
+            return fn(*a, **kw)
+        except typer.Exit:
+            raise
+        except (UsageError, InputError, gguf_layout.GGUFError, BackendError, KeyError, ValueError,
+                FileNotFoundError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            _fail(str(msg))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as e:  # noqa: BLE001 - the CLI must not print a raw traceback
+            if os.environ.get("SPAC_DEBUG") == "1":
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e} (SPAC_DEBUG=1 shows the traceback)", 1)
+    return wrapper
+
+
+def _resolve_models(target: Optional[Path], draft: Optional[Path], pair: Optional[str]):
+    """TARGET/DRAFT from flags, else the named (or default) pair from models.toml."""
+    from .registry import pair_spec
+    if target is not None:
+        return target, draft, None
+    spec = pair_spec(pair)
+    if spec.name == "demo" and not spec.target.exists():
+        _build_demo_with_progress()
+    for role, p in (("target", spec.target), ("draft", spec.draft)):
+        if p is not None and not p.exists():
+            raise UsageError(f"{role} of pair {spec.name!r} is missing: {p} (build it: see README)")
+    return spec.target, (draft or spec.draft), spec
+
+
+def _build_demo_with_progress():
+    from rich.progress import Progress
+    from . import demo
+    with Progress(transient=True, console=__import__("rich.console").console.Console(stderr=True)) as prog:
+        task = prog.add_task("building the demo pair", total=1.0)
+
+        def cb(frac: float, what: str = ""):
+            prog.update(task, completed=frac, description=f"building the demo pair: {what}")
+        return demo.build_demo_pair(progress=cb)
+
+
+@app.command()
+@_guarded
+def run(
+    target: Optional[Path] = typer.Argument(None, help="target GGUF (default: the demo pair)"),
+    model: Optional[Path] = typer.Option(None, "-m", "--model", help="target GGUF (same as TARGET)"),
+    draft: Optional[Path] = typer.Option(None, "-md", "--model-draft", "--draft", help="draft GGUF"),
+    pair: Optional[str] = typer.Option(None, "--pair", help="a pair from models.toml"),
+    prompt: str = typer.Option("The quick brown fox", "-p", "--prompt"),
+    n_predict: int = typer.Option(64, "-n", "--n-predict", help="tokens to generate"),
+    temp: float = typer.Option(0.0, "--temp", help="temperature; 0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s"),
+    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="K: tokens drafted per round"),
+    ctx: int = typer.Option(2048, "-c", "--ctx-size"),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
+    gpu_layers: int = typer.Option(0, "-ngl", "--gpu-layers", "--n-gpu-layers"),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="write the routing trace (.npz)"),
+    policy: str = typer.Option("none", "--policy", help="expert cache policy: none, static, lru, lfu, spac"),
+    cache_slots: Optional[int] = typer.Option(None, "--cache-slots", help="cache slots per MoE layer"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="cache size: 2GiB, 512MB or 25% of expert bytes"),
+    hw: Optional[str] = typer.Option(None, "--hw", help="hardware profile (models.toml [hw.*])"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="trace for --policy static"),
+    slots_on_host: bool = typer.Option(False, "--slots-on-host", help="keep cache slots in host memory"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end"),
+):
+    """Generate text from TARGET, speculatively when a draft is given."""
+    from .pair import load
+    from .trace import TraceRecorder
+    if n_predict < 1:
+        raise UsageError(f"-n must be >= 1 (got {n_predict})")
+    if draft_max is not None and draft_max < 0:
+        raise UsageError(f"--draft-max must be >= 0 (got {draft_max})")
+    if ctx < 16:
+        raise UsageError(f"-c must be >= 16 (got {ctx})")
+    target = target or model
+    tpath, dpath, spec = _resolve_models(target, draft, pair)
+    K = draft_max if draft_max is not None else (spec.draft_max if spec else 4)
+    if cache_slots is not None and budget is not None:
+        raise UsageError("give --cache-slots or --budget, not both")
+    p = load(tpath, dpath, n_gpu_layers=gpu_layers, n_ctx=ctx, n_threads=threads, policy=policy,
+             cache_slots=cache_slots, budget=budget, hw=hw, calibration=calibration, draft_max=K,
+             slots_on_host=True if slots_on_host else None)
+    if not p.is_moe:
+        sys.stderr.write("spac-gguf: the target is dense (no routed experts): expert features are off\n")
+    rec = TraceRecorder(p.trace_meta(K)) if trace else None
+    toks, text = [], []
+    last = None
+    for tok in p.generate(prompt, max_tokens=n_predict, temperature=temp, top_p=top_p, seed=seed,
+                          draft_max=K if dpath else 0, recorder=rec):
+        toks.append(tok.token)
+        text.append(tok.text)
+        last = tok
+        if not as_json:
+            sys.stdout.write(tok.text)
+            sys.stdout.flush()
+    stats = last.stats if last else None
+    if rec is not None:
+        tr = rec.trace()
+        tr.meta["prompt_tokens"] = stats.n_prompt if stats else 0
+        tr.save(trace)
+    result = {
+        "tokens": toks, "text": "".join(text), "n_generated": len(toks),
+        "n_target_passes": stats.n_target_passes if stats else 0,
+        "acceptance_rate": (stats.acceptance_rate if dpath else None) if stats else None,
+        "tokens_per_second": stats.tokens_per_second if stats else 0.0,
+        "routing": p.routing_info,
+        "draft_max": K if dpath else 0,
+        "target": str(tpath), "draft": str(dpath) if dpath else None,
+        "stats": stats.as_dict() if stats else None,
+        "cache": p.cache_stats(),
+    }
+    if as_json:
+        print(json.dumps(result))
+    else:
+        acc = "n/a" if result["acceptance_rate"] is None else f"{result['acceptance_rate']:.2f}"
+        sys.stdout.write("\n")
+        sys.stderr.write(f"[{len(toks)} tokens, {result['tokens_per_second']:.1f} tok/s, "
+                         f"{result['n_target_passes']} target passes, acceptance {acc}, K={result['draft_max']}]\n")
+    p.close()
+
+
+@app.command()
+@_guarded
+def inspect(model: Path = typer.Argument(..., help="a GGUF file"),
+            as_json: bool = typer.Option(False, "--json")):
+    """Describe a GGUF: architecture, experts, byte layout."""
+    from . import gguf_layout
+    lay = gguf_layout.describe(model)
+    if as_json:
+        print(json.dumps(lay.to_json()))
+    else:
+        print(gguf_layout.format_layout(lay))
+
+
+@app.command()
+@_guarded
+def simulate(
+    trace: Path = typer.Argument(..., help="routing trace (.npz) from `spac-gguf run --trace`"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="2GiB, 512MB or 25% of expert bytes"),
+    cache_slots: Optional[int] = typer.Option(None, "--cache-slots"),
+    hw: str = typer.Option("desktop-pcie4x16", "--hw", help="hardware profile"),
+    policy: str = typer.Option("none,static,lru,lfu,oracle,spac", "--policy", help="P[,P...]"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="trace for static (default: first 20%)"),
+    split: bool = typer.Option(False, "--split", help="uncached experts may also be copied at verify time"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Replay a routing trace through each policy's decision code with a cost model."""
+    from .hardware import load_profile
+    from .simulator import format_table, simulate as run_sim
+    from .trace import RoutingTrace
+    if (budget is None) == (cache_slots is None):
+        raise UsageError("give exactly one of --budget or --cache-slots")
+    if not trace.is_file():
+        raise UsageError(f"trace not found: {trace}")
+    tr = RoutingTrace.load(trace)
+    cal = RoutingTrace.load(calibration) if calibration else None
+    res = run_sim(tr, policy.split(","), budget=budget, cache_slots=cache_slots, hw=load_profile(hw),
+                  calibration=cal, split=split)
+    print(json.dumps(res) if as_json else format_table(res))
+
+
+@app.command()
+@_guarded
+def calibrate(base: Optional[str] = typer.Option(None, "--base", help="profile to take GPU fields from"),
+              name: Optional[str] = typer.Option(None, "--name")):
+    """Measure this machine's CPU expert bandwidth; print a [hw.NAME] table for models.toml."""
+    from .hardware import calibrate as measure
+    prof = measure(name=name, base=base)
+    print(prof.to_toml())
+
+
+@demo_app.command("build")
+@_guarded
+def demo_build(force: bool = typer.Option(False, "--force", help="rebuild even if present")):
+    """Build the real-weights demo pair (SmolLM2-135M cut into experts) into the cache."""
+    from . import demo
+    t, d = demo.build_demo_pair(force=force) if force else _build_demo_with_progress()
+    print(f"target: {t}\ndraft:  {d}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Asynchronous Execution Engine: loads issued right after a verify overlap the draft; maps change
+only between decodes, and only to slots whose load has completed.
+
+    engine.after_verify(ids, accepted)   count hits of that verify, update the policy, plan, issue loads
+    engine.before_verify()               poll completed loads, publish maps (never an incomplete slot)
+    engine.stats()                       policy, slots_per_layer, hits, misses, bytes_loaded, solve_us, fallbacks
+"""
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import numpy as np
+
+
+class SlotStore(Protocol):
+    n_layers: int
+    n_expert: int
+    n_slots: int                     # per layer
+    expert_bytes: int                # one expert, all projections
+
+    def resident(self) -> np.ndarray: ...       # int32 [n_layers, n_slots]: complete slots, -1 empty
+    def load_async(self, layer: int, expert: int, slot: int) -> None: ...
+    def poll(self) -> list[tuple[int, int]]: ...  # (layer, slot) loads completed since the last poll
+    def publish(self) -> None: ...               # maps from completed slots; only between decodes
+
+
+class Engine:
+    def __init__(self, store: SlotStore, policy, load_budget_bytes: int):
+        self.store, self.policy = store, policy
+        self.load_budget_bytes = int(load_budget_bytes)
+        L, S = store.n_layers, store.n_slots
+        self.inflight: dict[tuple[int, int], int] = {}        # (layer, slot) -> expert arriving
+        self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
+        self.hits = self.misses = self.bytes_loaded = 0
+        self.solve_s: list[float] = []
+
+    def before_verify(self) -> None:
+        for key in self.store.poll():
+            self.inflight.pop(key, None)
+        self.store.publish()
+        res = self.store.resident()
+        self.live[:] = False
+        l, s = np.nonzero(res >= 0)
+        self.live[l, res[l, s]] = True
+
+    def after_verify(self, ids: np.ndarray, accepted: int) -> None:
+        ids = np.asarray(ids, np.int32)
+        ok = ids >= 0
+        l = np.broadcast_to(np.arange(ids.shape[1])[None, :, None], ids.shape)
+        h = int(self.live[l[ok], ids[ok]].sum())
+        self.hits += h
+        self.misses += int(ok.sum()) - h
+        self.policy.observe(ids, accepted)
+
+        view = self.store.resident().copy()
+        for (ll, s), e in self.inflight.items():
+            view[ll, s] = e
+        budget = self.load_budget_bytes - len(self.inflight) * self.store.expert_bytes
+        t = time.perf_counter()
+        loads = self.policy.plan(view, max(0, budget))
+        self.solve_s.append(time.perf_counter() - t)
+        B = self.store.expert_bytes
+        for ll, e, s in loads:
+            if budget < B or (ll, s) in self.inflight or (view[ll] == e).any():
+                continue                                    # over budget, slot busy, or already there
+            self.store.load_async(ll, e, s)
+            self.inflight[(ll, s)] = e
+            view[ll, s] = e
+            budget -= B
+            self.bytes_loaded += B
+
+    def cached(self) -> np.ndarray:
+        """bool [n_layers, n_expert]: experts the current maps point at."""
+        return self.live
+
+    def stats(self) -> dict:
+        n = self.hits + self.misses
+        return dict(policy=self.policy.name, slots_per_layer=self.store.n_slots, hits=self.hits,
+                    misses=self.misses, hit_rate=self.hits / n if n else 0.0, bytes_loaded=self.bytes_loaded,
+                    solve_us=1e6 * float(np.mean(self.solve_s)) if self.solve_s else 0.0,
+                    fallbacks=int(self.policy.fallbacks))
+
+
+class SimulatedSlotStore:
+    """The slot store on a simulated clock: loads queue on one link of `link_gbps`, each finishing
+    after its transfer time plus a random extra latency in [0, jitter_s) (so completions reorder)."""
+
+    def __init__(self, n_layers: int, n_expert: int, n_slots: int, expert_bytes: int, *, link_gbps: float,
+                 jitter_s: float = 0.0, seed: int = 0):
+        self.n_layers, self.n_expert, self.n_slots, self.expert_bytes = n_layers, n_expert, n_slots, expert_bytes
+        self.link_Bps = link_gbps * 1e9
+        self.jitter_s = jitter_s
+        self.rng = np.random.default_rng(seed)
+        self.now = 0.0
+        self.link_free = 0.0
+        self.slots = np.full((n_layers, n_slots), -1, np.int32)     # complete contents
+        self.maps = np.full((n_layers, n_slots), -1, np.int32)      # what a decode reads
+        self.pending: dict[tuple[int, int], tuple[float, int]] = {}  # (layer, slot) -> (done at, expert)
+
+    def advance(self, dt: float) -> None:
+        self.now += dt
+
+    def resident(self) -> np.ndarray:
+        return self.slots.copy()
+
+    def load_async(self, layer: int, expert: int, slot: int) -> None:
+        if (layer, slot) in self.pending:
+            raise RuntimeError(f"load into busy slot {layer}/{slot}")
+        start = max(self.now, self.link_free)
+        self.link_free = start + self.expert_bytes / self.link_Bps
+        extra = self.rng.uniform(0.0, self.jitter_s) if self.jitter_s else 0.0
+        self.pending[(layer, slot)] = (self.link_free + extra, expert)
+        self.slots[layer, slot] = -1                                 # overwritten from now on
+
+    def poll(self) -> list[tuple[int, int]]:
+        done = [key for key, (t, _) in self.pending.items() if t <= self.now]
+        for key in done:
+            self.slots[key] = self.pending.pop(key)[1]
+        return done
+
+    def publish(self) -> None:
+        self.maps[:] = self.slots
+
+    def decode(self) -> np.ndarray:
+        """A verify reads the maps: check that none points at a slot being overwritten."""
+        for (l, s) in self.pending:
+            if self.maps[l, s] >= 0:
+                raise AssertionError(f"map of layer {l} points at slot {s} while its load is in flight")
+        return self.maps.copy()

@@ -1,0 +1,132 @@
+"""Hardware profiles: the few rates the cost model and the balancer need, named or measured.
+
+A profile prices one verify pass: experts not in GPU slots stream through the CPU expert path
+(`cpu_expert_gbps` of expert bytes, plus `cpu_s_per_expert_token` per routed row), cached experts
+cost `gpu_s_per_expert_token` per routed row on top of the dense part (`gpu_pass_s`), and slot loads
+move `link_gbps` over the host→GPU link while the draft proposes (`draft_s_per_token` each).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODELS_TOML = Path(__file__).resolve().parent.parent / "models.toml"
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    link_gbps: float | None                 # host→GPU copies from pinned memory, GB/s (1e9 B/s)
+    cpu_expert_gbps: float                  # expert bytes per second the CPU expert path streams
+    cpu_s_per_expert_token: float           # CPU compute per (expert, row) beyond streaming its bytes
+    gpu_s_per_expert_token: float | None    # GPU compute per (expert, row) for an expert in a slot
+    gpu_pass_s: float | None                # dense work of one verify pass on the GPU (attention, router, head)
+    draft_s_per_token: float | None         # one draft token
+
+    def missing(self) -> list[str]:
+        """Fields still unknown (None): a calibrated profile without a GPU leaves the GPU ones open."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None]
+
+    def require_complete(self) -> "HardwareProfile":
+        if self.missing():
+            raise ValueError(f"hardware profile {self.name!r} lacks {', '.join(self.missing())}: "
+                             f"take them from a named profile (calibrate(base=...)) or models.toml [hw.*]")
+        return self
+
+    def link_bytes_during_draft(self, k_draft: int) -> int:
+        """Bytes the link moves while the draft proposes k_draft tokens: the per-round load budget."""
+        self.require_complete()
+        return int(self.link_gbps * 1e9 * self.draft_s_per_token * k_draft)
+
+    def to_toml(self) -> str:
+        lines = [f"[hw.{self.name}]"]
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "name" and v is not None:
+                lines.append(f"{f.name} = {v:g}" if isinstance(v, float) else f"{f.name} = {v}")
+        return "\n".join(lines) + "\n"
+
+
+# GPU and draft timings of the first two are estimates for a mid-range laptop / desktop GPU with a
+# 0.1–0.5B draft; the link rates are what PCIe 4.0 x8 / x16 deliver from pinned memory. h100-pcie5
+# takes DESIGN.md §9: H2D pinned 51 GB/s, CPU expert streaming ≈ 41 GB/s; a 6-row verify pass with
+# all experts on GPU ≈ 9 ms (pp6 665 t/s) of which ≈ 5 ms dense, the rest over 6×48×8 expert-rows.
+BUILTIN: dict[str, HardwareProfile] = {p.name: p for p in (
+    HardwareProfile("laptop-pcie4x8", link_gbps=13.0, cpu_expert_gbps=25.0, cpu_s_per_expert_token=2e-6,
+                    gpu_s_per_expert_token=4e-6, gpu_pass_s=0.012, draft_s_per_token=0.004),
+    HardwareProfile("desktop-pcie4x16", link_gbps=25.0, cpu_expert_gbps=35.0, cpu_s_per_expert_token=1.5e-6,
+                    gpu_s_per_expert_token=2.5e-6, gpu_pass_s=0.008, draft_s_per_token=0.003),
+    HardwareProfile("h100-pcie5", link_gbps=51.0, cpu_expert_gbps=41.0, cpu_s_per_expert_token=1e-6,
+                    gpu_s_per_expert_token=1.4e-6, gpu_pass_s=0.005, draft_s_per_token=0.002),
+)}
+
+
+def _from_table(name: str, table: dict) -> HardwareProfile:
+    known = {f.name for f in dataclasses.fields(HardwareProfile)} - {"name"}
+    unknown = set(table) - known
+    if unknown:
+        raise ValueError(f"[hw.{name}]: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    base = dataclasses.asdict(BUILTIN[name]) if name in BUILTIN else {k: None for k in known}
+    base.update({k: float(v) for k, v in table.items()})
+    base["name"] = name
+    if base.get("cpu_expert_gbps") is None or base.get("cpu_s_per_expert_token") is None:
+        raise ValueError(f"[hw.{name}] needs cpu_expert_gbps and cpu_s_per_expert_token")
+    return HardwareProfile(**base)
+
+
+def load_profile(name_or_path: str, models_toml: str | Path | None = None) -> HardwareProfile:
+    """A profile by name ([hw.NAME] in models.toml first, then the built-ins) or from a TOML file.
+
+    A file holds one `[hw.NAME]` table (the first is taken) — what `calibrate` writes with `to_toml`.
+    """
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.is_file():
+        hw = tomllib.loads(p.read_text()).get("hw", {})
+        if not hw:
+            raise ValueError(f"{p}: no [hw.NAME] table")
+        name, table = next(iter(hw.items()))
+        return _from_table(name, table)
+    toml_path = Path(models_toml) if models_toml is not None else MODELS_TOML
+    tables = tomllib.loads(toml_path.read_text()).get("hw", {}) if toml_path.is_file() else {}
+    if name_or_path in tables:
+        return _from_table(name_or_path, tables[name_or_path])
+    if name_or_path in BUILTIN:
+        return BUILTIN[name_or_path]
+    raise ValueError(f"unknown hardware profile {name_or_path!r}; known: {sorted(set(BUILTIN) | set(tables))}")
+
+
+def measure_cpu_stream_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Best-of-n read bandwidth of a large float32 reduction: the CPU expert path's ceiling."""
+    a = np.ones(nbytes // 4, np.float32)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def calibrate(name: str | None = None, base: str | HardwareProfile | None = None) -> HardwareProfile:
+    """Measure what this machine tells without a GPU (CPU streaming); GPU fields from `base` or None.
+
+    The CPU per-row compute is left at the base's value (0 without one): at verify batch sizes the
+    CPU expert path is bandwidth-bound, so streaming dominates.
+    """
+    b = load_profile(base) if isinstance(base, str) else base
+    gbps = measure_cpu_stream_gbps()
+    return HardwareProfile(
+        name=name or f"calibrated-{os.uname().nodename}",
+        link_gbps=b.link_gbps if b else None,
+        cpu_expert_gbps=round(gbps, 2),
+        cpu_s_per_expert_token=b.cpu_s_per_expert_token if b else 0.0,
+        gpu_s_per_expert_token=b.gpu_s_per_expert_token if b else None,
+        gpu_pass_s=b.gpu_pass_s if b else None,
+        draft_s_per_token=b.draft_s_per_token if b else None,
+    )

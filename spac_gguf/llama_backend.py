@@ -1,0 +1,263 @@
+"""Thin, explicit wrapper over llama-cpp-python's low-level C API.
+
+Why not `llama_cpp.Llama`: speculative decoding needs batch decodes with logits on chosen rows,
+KV rollback, placement of routed experts (tensor_buft_overrides), and an eval callback; the
+high-level class hides or fixes all of these.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp as llc
+
+# Routed-expert tensors, as `--n-cpu-moe` / `-ot exps=CPU` match them (common/arg.cpp).
+EXPERT_TENSOR_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+class BackendError(RuntimeError):
+    """llama.cpp refused something (a load, a decode); the message says what."""
+
+
+_LOG_CB = None          # keep the CFUNCTYPE alive: C holds a pointer to it
+_INITIALISED = False
+
+
+def _init_backend() -> None:
+    global _INITIALISED, _LOG_CB
+    if _INITIALISED:
+        return
+    verbose = os.environ.get("SPAC_LLAMA_LOG") == "1"
+
+    @llc.llama_log_callback
+    def _log(level, text, user_data):  # noqa: ARG001 - C signature
+        if verbose:
+            os.write(2, text or b"")
+
+    _LOG_CB = _log
+    llc.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+    llc.llama_backend_init()
+    _INITIALISED = True
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _ggml_lib() -> ctypes.CDLL:
+    """libggml-base from the same directory as libllama (the bundled _ggml.py may load another)."""
+    libdir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llc.__file__).parent / "lib")
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        p = libdir / name
+        if p.exists():
+            return ctypes.CDLL(str(p))
+    raise BackendError(f"libggml-base not found in {libdir}")
+
+
+_GGML = None
+
+
+def ggml() -> ctypes.CDLL:
+    global _GGML
+    if _GGML is None:
+        lib = _ggml_lib()
+        lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+        lib.ggml_backend_cpu_buffer_type.argtypes = []
+        lib.ggml_backend_tensor_get.restype = None
+        lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        _GGML = lib
+    return _GGML
+
+
+@dataclass
+class Placement:
+    """Where the weights live. `experts_on_cpu` keeps routed experts in (mmapped) CPU memory."""
+    n_gpu_layers: int = 0
+    experts_on_cpu: bool = False
+    use_mmap: bool = True
+
+
+class LlamaModel:
+    """A loaded GGUF model (weights + vocabulary)."""
+
+    def __init__(self, path: str | Path, placement: Placement | None = None):
+        _init_backend()
+        self.path = str(path)
+        self.placement = placement or Placement()
+        params = llc.llama_model_default_params()
+        params.n_gpu_layers = self.placement.n_gpu_layers
+        params.load_mode = 1 if self.placement.use_mmap else 0   # LLAMA_LOAD_MODE_MMAP / NONE
+        params.use_extra_bufts = False       # CPU_REPACK changes the byte layout and disables op offload
+        self._overrides = None
+        if self.placement.experts_on_cpu:
+            arr = (_BuftOverride * 2)()
+            arr[0].pattern = EXPERT_TENSOR_PATTERN.encode()
+            arr[0].buft = ggml().ggml_backend_cpu_buffer_type()
+            arr[1].pattern = None
+            arr[1].buft = None
+            self._overrides = arr
+            params.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
+        ptr = llc.llama_model_load_from_file(self.path.encode(), params)
+        if not ptr:
+            raise BackendError(f"llama.cpp could not load {self.path}")
+        self.ptr = ptr
+        self.vocab = llc.llama_model_get_vocab(ptr)
+        self.n_vocab = llc.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = llc.llama_model_n_layer(ptr)
+        self.n_embd = llc.llama_model_n_embd(ptr)
+        self.add_bos = bool(llc.llama_vocab_get_add_bos(self.vocab))
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (llc.llama_token * cap)()
+        n = llc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llc.llama_token * cap)()
+            n = llc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llc.llama_vocab_is_eog(self.vocab, token))
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = llc.llama_model_meta_val_str(self.ptr, key.encode(), buf, 256)
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def size_bytes(self) -> int:
+        return int(llc.llama_model_size(self.ptr))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llc.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):  # models are big: free them deterministically when dropped
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaContext:
+    """One decoding context (one sequence, id 0) over a model, with its own KV cache."""
+
+    def __init__(self, model: LlamaModel, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
+                 eval_callback=None):
+        self.model = model
+        params = llc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = 1
+        nt = n_threads or max(1, os.cpu_count() or 1)
+        params.n_threads = nt
+        params.n_threads_batch = nt
+        params.no_perf = True
+        self._cb = eval_callback            # keep alive: C holds the pointer
+        if eval_callback is not None:
+            params.cb_eval = eval_callback
+            params.cb_eval_user_data = None
+        ptr = llc.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise BackendError("llama.cpp could not create a context (n_ctx too large for memory?)")
+        self.ptr = ptr
+        self.n_ctx = llc.llama_n_ctx(ptr)
+        self.n_batch = n_batch
+        self.mem = llc.llama_get_memory(ptr)
+        self.batch = llc.llama_batch_init(n_batch, 0, 1)
+        self.n_past = 0                     # tokens whose KV is in the cache (positions 0..n_past-1)
+
+    def decode(self, tokens: list[int], logits: str | list[int] = "last") -> np.ndarray:
+        """Append `tokens` at positions n_past.. and return float32 logits [rows, n_vocab].
+
+        `logits`: "last", "all", or a list of row indices within `tokens`.
+        Long inputs are split into n_batch chunks; only the requested rows are returned.
+        """
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("decode of zero tokens")
+        if self.n_past + n > self.n_ctx:
+            raise BackendError(f"context full: {self.n_past} + {n} tokens > n_ctx {self.n_ctx}")
+        if logits == "last":
+            rows = [n - 1]
+        elif logits == "all":
+            rows = list(range(n))
+        else:
+            rows = sorted(logits)
+        want = set(rows)
+        out = []
+        for c0 in range(0, n, self.n_batch):
+            chunk = tokens[c0:c0 + self.n_batch]
+            b = self.batch
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = self.n_past + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = (c0 + i) in want
+            b.n_tokens = len(chunk)
+            rc = llc.llama_decode(self.ptr, b)
+            if rc != 0:
+                # the failed chunk left nothing behind: drop what it may have written
+                llc.llama_memory_seq_rm(self.mem, 0, self.n_past, -1)
+                raise BackendError(f"llama_decode failed with code {rc}")
+            self.n_past += len(chunk)
+            n_out = sum(1 for i in range(len(chunk)) if (c0 + i) in want)
+            if n_out:
+                ptr = llc.llama_get_logits(self.ptr)
+                arr = np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
+                out.append(arr.copy())
+        if not out:
+            return np.zeros((0, self.model.n_vocab), np.float32)
+        return np.concatenate(out, axis=0) if len(out) > 1 else out[0]
+
+    def rollback(self, n_past: int) -> None:
+        """Forget every position >= n_past (rejected draft tokens)."""
+        if n_past < self.n_past:
+            if not llc.llama_memory_seq_rm(self.mem, 0, n_past, -1):
+                raise BackendError("KV rollback failed")
+            self.n_past = n_past
+
+    def reset(self) -> None:
+        llc.llama_memory_clear(self.mem, True)
+        self.n_past = 0
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llc.llama_batch_free(self.batch)
+            llc.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def gpu_available() -> bool:
+    _init_backend()
+    return bool(llc.llama_supports_gpu_offload())
+
+
+def expert_pattern_matches(name: str) -> bool:
+    return re.search(EXPERT_TENSOR_PATTERN, name) is not None

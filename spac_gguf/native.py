@@ -1,0 +1,104 @@
+"""ctypes bindings for our llama.cpp patch: the MoE expert cache and routing export (llama.h,
+"MoE expert cache"). Present only in our build; `available()` says whether libllama has them."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+import llama_cpp as llc
+
+_lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
+
+STATUS = {
+    0: "ok", -1: "layer out of range or not cacheable", -2: "slot out of range", -3: "expert out of range",
+    -4: "slot is mapped or loading", -5: "map names a slot that is not ready with that expert",
+    -6: "no expert cache on this context", -7: "no layer of this model can be cached",
+    -8: "could not allocate slot memory", -9: "unknown load ticket", -10: "bad argument",
+}
+
+
+class NativeError(RuntimeError):
+    """The patch refused a call; `code` is the llama_moe_status."""
+
+    def __init__(self, what: str, code: int):
+        super().__init__(f"{what}: {STATUS.get(code, 'error')} (code {code})")
+        self.code = code
+
+
+class LayerInfo(ctypes.Structure):
+    _fields_ = [("n_expert", ctypes.c_int32), ("n_expert_used", ctypes.c_int32), ("n_slots", ctypes.c_int32),
+                ("cacheable", ctypes.c_int32), ("expert_bytes", ctypes.c_uint64 * 3)]
+
+
+_SIGS = {
+    "llama_moe_n_layer": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_moe_get_layer_info": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(LayerInfo)], ctypes.c_int32),
+    "llama_moe_cache_init": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_bool], ctypes.c_int32),
+    "llama_moe_cache_bytes": ([ctypes.c_void_p], ctypes.c_uint64),
+    "llama_moe_cache_load": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int64),
+    "llama_moe_cache_poll": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int32),
+    "llama_moe_cache_wait": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int32),
+    "llama_moe_cache_set_map": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p], ctypes.c_int32),
+    "llama_moe_cache_read_slot": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                   ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int32),
+    "llama_moe_routing_enable": ([ctypes.c_void_p, ctypes.c_bool], ctypes.c_int32),
+    "llama_moe_routing_n_rows": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_moe_routing_get": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
+}
+
+
+def available() -> bool:
+    return all(hasattr(_lib, name) for name in _SIGS)
+
+
+class _Api:
+    def __init__(self):
+        for name, (args, res) in _SIGS.items():
+            if hasattr(_lib, name):
+                f = getattr(_lib, name)
+                f.argtypes, f.restype = args, res
+                setattr(self, name[len("llama_moe_"):], f)
+
+
+api = _Api()
+
+
+def check(what: str, rc: int) -> int:
+    if rc < 0:
+        raise NativeError(what, rc)
+    return rc
+
+
+def layer_info(ctx_ptr, il: int) -> LayerInfo:
+    info = LayerInfo()
+    check("get_layer_info", api.get_layer_info(ctx_ptr, il, ctypes.byref(info)))
+    return info
+
+
+class NativeRouting:
+    """Routing read from the patch's exported graph outputs (no eval callback)."""
+
+    def __init__(self, ctx_ptr, n_layers: int, k: int):
+        self.ctx = ctx_ptr
+        self.n_layers, self.k = n_layers, k
+        check("routing_enable", api.routing_enable(ctx_ptr, True))
+        self._buf = np.empty(0, np.int32)
+
+    def begin(self) -> None:
+        pass
+
+    def end(self, n_rows: int) -> np.ndarray:
+        out = np.full((n_rows, self.n_layers, self.k), -1, np.int32)
+        rows = api.routing_n_rows(self.ctx)
+        need = rows * max(self.k, 1) * 4
+        if self._buf.size < need:
+            self._buf = np.empty(need, np.int32)
+        for il in range(self.n_layers):
+            n = check("routing_get", api.routing_get(self.ctx, il, self._buf.ctypes.data, self._buf.size))
+            if n:
+                k = n // rows
+                ids = self._buf[:n].reshape(rows, k)
+                m = min(rows, n_rows)
+                out[:m, il, :k] = ids[rows - m:] if rows > n_rows else ids[:m]
+        return out

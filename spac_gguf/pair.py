@@ -1,0 +1,249 @@
+"""The Python API: load a target (and optional draft) once, then generate, mlx-lm style.
+
+    from spac_gguf import load
+    pair = load("target.gguf", draft="draft.gguf")
+    for tok in pair.generate("Once upon a time", max_tokens=32):
+        print(tok.text, end="", flush=True)
+    print(tok.stats.acceptance_rate, tok.stats.tokens_per_second)
+"""
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import gguf_layout, native
+from .llama_backend import LlamaContext, LlamaModel, Placement
+from .routing import EvalCallbackRouting, RoutingSource
+from .sampling import Sampler
+from .speculative import Drafter, Stats, generate as speculative_generate
+from .trace import RoutingTrace, TraceRecorder
+
+
+class InputError(ValueError):
+    """Bad input from the user (files, flags); the message is one line meant for them."""
+
+
+@dataclass
+class Token:
+    token: int
+    text: str              # the text this token completes (may be "" inside a multi-byte char)
+    from_draft: bool
+    stats: Stats
+    routing: np.ndarray | None   # int32 [rows, layers, k] of the target pass that produced it
+
+
+class TargetVerifier:
+    """Target decodes with routing capture; forwards each pass to the engine and the trace."""
+
+    def __init__(self, ctx: LlamaContext, routing: RoutingSource | None, engine=None):
+        self.ctx = ctx
+        self.routing = routing
+        self.engine = engine
+        self.recorder: TraceRecorder | None = None
+        self.routing_seconds = 0.0
+        self._ids = None
+
+    def verify(self, tokens: list[int]) -> np.ndarray:
+        if self.engine is not None:
+            self.engine.before_verify()
+        if self.routing is not None:
+            self.routing.begin()
+        logits = self.ctx.decode(tokens, "all")
+        if self.routing is not None:
+            t = time.perf_counter()
+            self._ids = self.routing.end(len(tokens))
+            self.routing_seconds += time.perf_counter() - t
+        return logits
+
+    def observe(self, accepted_rows: int) -> np.ndarray | None:
+        ids, self._ids = self._ids, None
+        if ids is not None:
+            if self.engine is not None:
+                self.engine.after_verify(ids, accepted_rows)
+            if self.recorder is not None:
+                self.recorder.add_pass(ids, accepted_rows)
+        return ids
+
+
+def _check_vocab(target: LlamaModel, draft: LlamaModel) -> None:
+    if target.n_vocab != draft.n_vocab:
+        raise InputError(f"draft vocabulary has {draft.n_vocab} tokens but the target's has {target.n_vocab}: "
+                         "they must share one tokenizer")
+    step = max(1, target.n_vocab // 97)
+    for t in range(0, target.n_vocab, step):
+        if target.token_bytes(t) != draft.token_bytes(t):
+            raise InputError(f"draft and target vocabularies differ (token {t}: "
+                             f"{target.token_bytes(t)!r} vs {draft.token_bytes(t)!r})")
+
+
+def _describe(path: str | Path, role: str) -> gguf_layout.ModelLayout:
+    try:
+        return gguf_layout.describe(path)
+    except gguf_layout.GGUFError as e:
+        raise InputError(f"{role}: {e}") from None
+
+
+class ModelPair:
+    """A target with its optional draft, contexts and routing capture, ready to generate."""
+
+    def __init__(self, target: str | Path, draft: str | Path | None = None, *, n_gpu_layers: int = 0,
+                 experts_on_cpu: bool | None = None, n_ctx: int = 2048, n_threads: int | None = None,
+                 routing: str = "auto", policy: str = "none", cache_slots: int | None = None,
+                 budget: str | None = None, hw: str | None = None, calibration: str | Path | None = None,
+                 draft_max: int = 4, slots_on_host: bool | None = None):
+        self.target_path, self.draft_path = str(target), (str(draft) if draft else None)
+        self.layout = _describe(target, "target")
+        self.draft_layout = _describe(draft, "draft") if draft else None
+        self.is_moe = bool(self.layout.moe_layers)
+        if experts_on_cpu is None:
+            experts_on_cpu = n_gpu_layers != 0
+        self.target = LlamaModel(target, Placement(n_gpu_layers, experts_on_cpu and self.is_moe))
+        self.draft = LlamaModel(draft, Placement(n_gpu_layers)) if draft else None
+        if self.draft is not None:
+            _check_vocab(self.target, self.draft)
+        if routing not in ("auto", "native", "callback", "off"):
+            raise InputError(f"routing must be auto, native, callback or off (got {routing!r})")
+        if routing == "auto":
+            routing = "native" if native.available() else "callback"
+        if routing == "native" and not native.available():
+            raise InputError("this llama.cpp build has no routing export (build ours: make setup)")
+        self.routing: RoutingSource | None = None
+        cb = None
+        if self.is_moe and routing == "callback":
+            r = EvalCallbackRouting(self.target.n_layer, self.layout.n_expert_used)
+            self.routing, cb = r, r.callback
+        self.target_ctx = LlamaContext(self.target, n_ctx=n_ctx, n_threads=n_threads, eval_callback=cb)
+        if self.is_moe and routing == "native":
+            self.routing = native.NativeRouting(self.target_ctx.ptr, self.target.n_layer, self.layout.n_expert_used)
+        self.draft_ctx = LlamaContext(self.draft, n_ctx=n_ctx, n_threads=n_threads) if self.draft else None
+        self.cache, self.engine, self.policy_name = None, None, policy
+        if policy != "none" or cache_slots or budget:
+            self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max,
+                               slots_on_host if slots_on_host is not None else n_gpu_layers == 0)
+        self.verifier = TargetVerifier(self.target_ctx, self.routing, self.engine)
+        self.last_stats: Stats | None = None
+
+    def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool):
+        """Expert cache + policy + asynchronous engine on the target context."""
+        from .balancer import InfeasibleBudget, slots_for_budget
+        from .cache import ExpertCache
+        from .engine import Engine
+        from .hardware import load_profile
+        from .policies import NAMES, make_policy
+        from .sizes import parse_size
+        if not self.is_moe:
+            raise InputError("the target is dense: there are no experts to cache")
+        if self.routing is None:
+            raise InputError("a cache policy needs routing capture")
+        if policy not in NAMES or policy == "oracle":
+            raise InputError(f"unknown policy {policy!r} for run (use none, static, lru, lfu or spac)")
+        lay = self.layout
+        if cache_slots is None:
+            if budget is None:
+                raise InputError("a cache needs --cache-slots N or --budget SIZE")
+            try:
+                nbytes = parse_size(budget, total=lay.expert_bytes)
+                cache_slots = slots_for_budget(nbytes, lay.bytes_per_expert, len(lay.moe_layers), lay.n_expert)
+            except InfeasibleBudget as e:
+                raise InputError(str(e)) from None
+        if not 1 <= cache_slots <= lay.n_expert:
+            raise InputError(f"--cache-slots must be in 1..{lay.n_expert} (got {cache_slots})")
+        try:
+            profile = load_profile(hw or "desktop-pcie4x16")
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            raise InputError(f"hardware profile: {e}") from None
+        calib = RoutingTrace.load(calibration) if calibration else None
+        if policy == "static" and calib is None:
+            raise InputError("--policy static needs --calibration TRACE (record one with --trace)")
+        try:
+            self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host)
+        except native.NativeError as e:
+            raise InputError(f"expert cache: {e}") from None
+        pol = make_policy(policy, self.cache.n_layers, self.cache.n_expert, self.cache.expert_bytes,
+                          hw=profile, calibration=calib)
+        self.engine = Engine(self.cache, pol, profile.link_bytes_during_draft(max(draft_max, 1)))
+
+    @property
+    def routing_info(self) -> dict | None:
+        if not self.is_moe:
+            return None
+        return {"layers": len(self.layout.moe_layers), "experts": self.layout.n_expert,
+                "used": self.layout.n_expert_used}
+
+    def trace_meta(self, draft_max: int) -> dict:
+        lay = self.layout
+        return {"arch": lay.architecture, "n_expert": lay.n_expert, "k": lay.n_expert_used, "draft_max": draft_max,
+                "n_layers": self.target.n_layer, "moe_layers": list(lay.moe_layers),
+                "target": Path(self.target_path).name,
+                "draft": Path(self.draft_path).name if self.draft_path else None,
+                "expert_bytes": lay.bytes_per_expert, "dense_bytes": lay.dense_bytes}
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.target.tokenize(prompt, add_special=True, parse_special=True)
+
+    def generate(self, prompt: str | list[int], *, max_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, draft_max: int = 4,
+                 recorder: TraceRecorder | None = None, stop_at_eog: bool = True) -> Iterator[Token]:
+        """Generate up to `max_tokens` after `prompt`, yielding one Token at a time."""
+        if max_tokens < 1:
+            raise InputError("max_tokens (-n) must be >= 1")
+        if draft_max < 0:
+            raise InputError("draft_max (--draft-max) must be >= 0")
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise InputError("the prompt tokenizes to nothing")
+        if len(tokens) + 1 >= self.target_ctx.n_ctx:
+            raise InputError(f"prompt has {len(tokens)} tokens; context is {self.target_ctx.n_ctx} (-c)")
+        self.target_ctx.reset()
+        drafter = None
+        if self.draft_ctx is not None and draft_max > 0:
+            self.draft_ctx.reset()
+            drafter = Drafter(self.draft_ctx)
+        self.verifier.recorder = recorder
+        sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        eog = self.target.is_eog if stop_at_eog else (lambda t: False)
+        try:
+            for step in speculative_generate(self.verifier, drafter, tokens, max_tokens=max_tokens,
+                                             draft_max=draft_max, sampler=sampler, is_eog=eog):
+                self.last_stats = step.stats
+                text = "" if self.target.is_eog(step.token) else decoder.decode(self.target.token_bytes(step.token))
+                yield Token(step.token, text, step.from_draft, step.stats, step.routing)
+        finally:
+            self.verifier.recorder = None
+
+    def record_trace(self, prompt: str, **kw) -> tuple[list[int], RoutingTrace]:
+        """Generate and return (tokens, routing trace) in the `--trace` format."""
+        rec = TraceRecorder(self.trace_meta(kw.get("draft_max", 4)))
+        toks = [t.token for t in self.generate(prompt, recorder=rec, **kw)]
+        trace = rec.trace()
+        trace.meta["prompt_tokens"] = len(self.tokenize(prompt)) if isinstance(prompt, str) else len(prompt)
+        return toks, trace
+
+    def cache_stats(self) -> dict | None:
+        if self.engine is None:
+            return None
+        st = self.engine.stats()
+        return {"policy": self.policy_name, "slots_per_layer": self.cache.n_slots, "hits": st["hits"],
+                "misses": st["misses"], "hit_rate": st.get("hit_rate"), "bytes_loaded": self.cache.bytes_loaded,
+                "slot_bytes": self.cache.slot_bytes, "mean_solve_us": st.get("solve_us"),
+                "fallbacks": st.get("fallbacks")}
+
+    def close(self) -> None:
+        self.cache = self.engine = None
+        for obj in (self.draft_ctx, self.target_ctx, self.draft, self.target):
+            if obj is not None:
+                obj.close()
+
+
+def load(target: str | Path, draft: str | Path | None = None, **kw) -> ModelPair:
+    """Load a target GGUF and an optional draft GGUF sharing its vocabulary."""
+    for role, p in (("target", target), ("draft", draft)):
+        if p is not None and not Path(p).is_file():
+            raise InputError(f"{role} model not found: {p}")
+    return ModelPair(target, draft, **kw)

@@ -1,0 +1,171 @@
+"""Cache policies behind one narrow interface, shared by the engine and the simulator.
+
+    policy.observe(ids, accepted)                  after each verify pass; ids int32 [rows, n_layers, k], -1 ignored
+    policy.plan(resident, load_budget_bytes)       -> [(layer, expert, victim_slot), ...] loads to issue now
+
+`resident` is int32 [n_layers, S] (-1 empty; slots with a load in flight show the incoming expert).
+Every baseline ranks experts by a score and hands it to the balancer's `greedy_swaps`; `spac` runs
+the estimator and the MIP balancer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .balancer import Balancer, greedy_swaps
+from .estimator import UtilityEstimator
+from .hardware import HardwareProfile
+from .trace import RoutingTrace
+
+
+def _used(ids: np.ndarray, n_expert: int) -> np.ndarray:
+    """Rows per (layer, expert) in one pass, int64 [n_layers, n_expert]."""
+    rows, L, k = ids.shape
+    n = np.zeros((L, n_expert), np.int64)
+    l = np.broadcast_to(np.arange(L)[None, :, None], ids.shape)
+    ok = ids >= 0
+    np.add.at(n, (l[ok], ids[ok]), 1)
+    return n
+
+
+class Policy:
+    name = "?"
+    fallbacks = 0
+
+    def __init__(self, n_layers: int, n_expert: int, expert_bytes: int):
+        self.L, self.E, self.B = n_layers, n_expert, int(expert_bytes)
+
+    def observe(self, ids: np.ndarray, accepted: int) -> None:
+        pass
+
+    def plan(self, resident: np.ndarray, load_budget_bytes: int) -> list[tuple[int, int, int]]:
+        return greedy_swaps(self.score(), resident, load_budget_bytes // self.B)
+
+    def score(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NonePolicy(Policy):
+    """All routed experts on the CPU (llama.cpp `-ot exps=CPU`)."""
+    name = "none"
+
+    def plan(self, resident, load_budget_bytes):
+        return []
+
+
+class StaticPolicy(Policy):
+    """Pins each layer's most-used experts of a calibration trace; never changes them."""
+    name = "static"
+
+    def __init__(self, n_layers, n_expert, expert_bytes, calibration: RoutingTrace):
+        super().__init__(n_layers, n_expert, expert_bytes)
+        self.counts = _used(calibration.ids, n_expert).astype(np.float64)
+
+    def plan(self, resident, load_budget_bytes):
+        S = resident.shape[1]
+        top = np.argsort(-self.counts, axis=1, kind="stable")[:, :S]
+        pinned = np.zeros_like(self.counts)
+        np.put_along_axis(pinned, top, np.take_along_axis(self.counts, top, axis=1), axis=1)
+        return greedy_swaps(pinned, resident, load_budget_bytes // self.B)
+
+
+class LRUPolicy(Policy):
+    """Keep the experts used most recently (score: pass of last use, ties by rows in that pass)."""
+    name = "lru"
+
+    def __init__(self, n_layers, n_expert, expert_bytes):
+        super().__init__(n_layers, n_expert, expert_bytes)
+        self.last = np.zeros((n_layers, n_expert))
+        self.t = 0
+
+    def observe(self, ids, accepted):
+        self.t += 1
+        n = _used(ids, self.E)
+        self.last[n > 0] = self.t + n[n > 0] / (ids.shape[0] + 1.0)
+
+    def score(self):
+        return self.last
+
+
+class LFUPolicy(Policy):
+    """Keep the experts used most often since the start."""
+    name = "lfu"
+
+    def __init__(self, n_layers, n_expert, expert_bytes):
+        super().__init__(n_layers, n_expert, expert_bytes)
+        self.count = np.zeros((n_layers, n_expert))
+
+    def observe(self, ids, accepted):
+        self.count += _used(ids, self.E)
+
+    def score(self):
+        return self.count
+
+
+class OraclePolicy(Policy):
+    """Belady with the future trace (simulator only): keep the experts whose next use is soonest."""
+    name = "oracle"
+
+    def __init__(self, n_layers, n_expert, expert_bytes, trace: RoutingTrace):
+        super().__init__(n_layers, n_expert, expert_bytes)
+        self.used = [_used(trace.pass_rows(p), n_expert) > 0 for p in range(trace.n_passes)]
+        self.nxt = np.full((n_layers, n_expert), np.inf)     # next pass ≥ the coming one that uses it
+        self.succ = [None] * len(self.used)                  # pass p's experts: their next use after p
+        for p in range(len(self.used) - 1, -1, -1):
+            self.succ[p] = self.nxt[self.used[p]]
+            self.nxt[self.used[p]] = p
+        self.p = 0                                           # passes observed
+
+    def observe(self, ids, accepted):
+        self.nxt[self.used[self.p]] = self.succ[self.p]
+        self.p += 1
+
+    def score(self):
+        return 1.0 / (1.0 + self.nxt - self.p)
+
+
+class SpacPolicy(Policy):
+    """Utility estimator + MIP workload balancer."""
+    name = "spac"
+
+    def __init__(self, n_layers, n_expert, expert_bytes, hw: HardwareProfile, *, estimator: str = "ema",
+                 split: bool = False):
+        super().__init__(n_layers, n_expert, expert_bytes)
+        self.estimator = UtilityEstimator(n_layers, n_expert, estimator)
+        self.balancer = Balancer(hw, expert_bytes, split=split)
+
+    @property
+    def fallbacks(self):
+        return self.balancer.fallbacks
+
+    def observe(self, ids, accepted):
+        self.estimator.update(ids, accepted)
+
+    def plan(self, resident, load_budget_bytes):
+        return self.balancer.solve(self.estimator.demand(), resident, load_budget_bytes).loads
+
+
+NAMES = ("none", "static", "lru", "lfu", "oracle", "spac")
+
+
+def make_policy(name: str, n_layers: int, n_expert: int, expert_bytes: int, *, hw: HardwareProfile | None = None,
+                calibration: RoutingTrace | None = None, future: RoutingTrace | None = None, **spac_kw) -> Policy:
+    """A policy by name; static needs `calibration`, oracle the `future` trace, spac `hw`."""
+    if name == "none":
+        return NonePolicy(n_layers, n_expert, expert_bytes)
+    if name == "static":
+        if calibration is None:
+            raise ValueError("static needs a calibration trace")
+        return StaticPolicy(n_layers, n_expert, expert_bytes, calibration)
+    if name == "lru":
+        return LRUPolicy(n_layers, n_expert, expert_bytes)
+    if name == "lfu":
+        return LFUPolicy(n_layers, n_expert, expert_bytes)
+    if name == "oracle":
+        if future is None:
+            raise ValueError("oracle needs the future trace: simulator only")
+        return OraclePolicy(n_layers, n_expert, expert_bytes, future)
+    if name == "spac":
+        if hw is None:
+            raise ValueError("spac needs a hardware profile")
+        return SpacPolicy(n_layers, n_expert, expert_bytes, hw, **spac_kw)
+    raise ValueError(f"unknown policy {name!r}; known: {', '.join(NAMES)}")

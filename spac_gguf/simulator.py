@@ -1,0 +1,122 @@
+"""Replay a routing trace through each policy's real decision code (engine + SimulatedSlotStore)
+and price every verify pass with the cost model of the balancer (`pass_time`).
+
+One round on the simulated clock: before_verify (publish) → verify (priced from the pass's routing
+and the published maps) → after_verify (loads start) → draft of rows−1 tokens (loads overlap it).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .balancer import InfeasibleBudget, pass_time, slots_for_budget
+from .engine import Engine, SimulatedSlotStore
+from .hardware import HardwareProfile
+from .policies import Policy, _used, make_policy
+from .sizes import parse_size
+from .trace import RoutingTrace
+
+
+def verify_time(ids: np.ndarray, cached: np.ndarray, hw: HardwareProfile, expert_bytes: int, split: bool) -> float:
+    """Seconds of one verify pass: uncached routed experts stream through the CPU (or the link, with
+    split), cached ones cost GPU time per routed row, on top of the dense GPU part."""
+    n = _used(ids, cached.shape[1]).astype(np.float64)
+    need = n > 0
+    c = np.where(need, expert_bytes / (hw.cpu_expert_gbps * 1e9) + n * hw.cpu_s_per_expert_token, 0.0)
+    g = n * hw.gpu_s_per_expert_token
+    k = np.where(need, expert_bytes / (hw.link_gbps * 1e9), 0.0) + g
+    return pass_time(c, g, k, hw.gpu_pass_s, cached & need, split)
+
+
+def slots_per_layer(trace: RoutingTrace, budget: str | None, slots: int | None) -> int:
+    """Slots per layer from `--cache-slots N` or `--budget 2GiB|25%` (of the trace's expert bytes)."""
+    if (budget is None) == (slots is None):
+        raise ValueError("give exactly one of budget and cache_slots")
+    L, E, B = trace.n_layers, trace.n_expert, int(trace.meta["expert_bytes"])
+    if slots is not None:
+        if not 0 <= slots <= E:
+            raise InfeasibleBudget(f"cache_slots={slots} outside 0..{E}")
+        return int(slots)
+    return slots_for_budget(parse_size(budget, total=L * E * B), B, L, E)
+
+
+def run_policy(trace: RoutingTrace, policy: Policy, S: int, hw: HardwareProfile, split: bool = False) -> dict:
+    L, E, B = trace.n_layers, trace.n_expert, int(trace.meta["expert_bytes"])
+    k_draft = int(trace.meta.get("draft_max", max(1, int(np.median(np.diff(trace.pass_start))) - 1)))
+    store = SimulatedSlotStore(L, E, S, B, link_gbps=hw.link_gbps)
+    engine = Engine(store, policy, hw.link_bytes_during_draft(k_draft))
+    total_s = 0.0
+    tokens = 0
+    for ids, accepted in trace.passes():
+        engine.before_verify()
+        t = verify_time(ids, engine.cached(), hw, B, split)
+        store.advance(t)
+        engine.after_verify(ids, accepted)
+        draft = (ids.shape[0] - 1) * hw.draft_s_per_token
+        store.advance(draft)
+        total_s += t + draft
+        tokens += accepted
+    st = engine.stats()
+    P = max(1, trace.n_passes)
+    return dict(hit_rate=st["hit_rate"], bytes_loaded=st["bytes_loaded"], pred_pass_ms=1e3 * total_s / P,
+                pred_tps=tokens / total_s if total_s else 0.0, mean_solve_us=st["solve_us"],
+                fallbacks=st["fallbacks"], slots_per_layer=S)
+
+
+def simulate(trace: RoutingTrace, policies: list, *, budget: str | None = None, cache_slots: int | None = None,
+             hw: HardwareProfile, calibration: RoutingTrace | None = None, split: bool = False) -> dict:
+    """{"policies": {name: {hit_rate, bytes_loaded, pred_pass_ms, pred_tps, mean_solve_us, fallbacks}}}.
+
+    `policies` holds names (see policies.NAMES) or ready Policy objects. static calibrates on the
+    first 20 % of the trace's passes unless `calibration` is given; it is then scored in-sample there.
+    """
+    hw.require_complete()
+    S = slots_per_layer(trace, budget, cache_slots)
+    if calibration is None:
+        cut = max(1, trace.n_passes // 5)
+        end = int(trace.pass_start[cut]) if cut < trace.n_passes else trace.ids.shape[0]
+        calibration = RoutingTrace(trace.ids[:end], trace.pass_start[:cut], trace.accepted[:cut], trace.meta)
+    L, E, B = trace.n_layers, trace.n_expert, int(trace.meta["expert_bytes"])
+    out = {}
+    for p in policies:
+        if isinstance(p, Policy):
+            pol = p
+        else:
+            kw = {"split": split} if p == "spac" else {}
+            pol = make_policy(p, L, E, B, hw=hw, calibration=calibration, future=trace, **kw)
+        out[pol.name] = run_policy(trace, pol, S, hw, split)
+    return {"policies": out, "slots_per_layer": S, "hw": hw.name, "passes": trace.n_passes}
+
+
+def format_table(result: dict) -> str:
+    head = f"{'policy':8s} {'hit rate':>8s} {'loaded':>10s} {'pass ms':>8s} {'tok/s':>8s} {'solve µs':>9s} {'fallb.':>6s}"
+    lines = [f"hw {result.get('hw', '?')}, {result.get('slots_per_layer', '?')} slots/layer, "
+             f"{result.get('passes', '?')} passes", head]
+    for name, r in result["policies"].items():
+        lines.append(f"{name:8s} {r['hit_rate']:8.3f} {r['bytes_loaded'] / 2**30:7.2f}GiB {r['pred_pass_ms']:8.2f} "
+                     f"{r['pred_tps']:8.1f} {r['mean_solve_us']:9.0f} {r['fallbacks']:6d}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """spac-gguf simulate TRACE.npz (--budget SIZE | --cache-slots N) --hw PROFILE --policy P[,P...] [--json]"""
+    import argparse
+    from .hardware import load_profile
+    ap = argparse.ArgumentParser(prog="spac-gguf simulate")
+    ap.add_argument("trace")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budget")
+    g.add_argument("--cache-slots", type=int)
+    ap.add_argument("--hw", default="desktop-pcie4x16")
+    ap.add_argument("--policy", default="none,static,lru,lfu,oracle,spac")
+    ap.add_argument("--calibration")
+    ap.add_argument("--split", action="store_true", help="uncached experts may also be copied at verify time")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    trace = RoutingTrace.load(a.trace)
+    cal = RoutingTrace.load(a.calibration) if a.calibration else None
+    res = simulate(trace, a.policy.split(","), budget=a.budget, cache_slots=a.cache_slots, hw=load_profile(a.hw),
+                   calibration=cal, split=a.split)
+    print(json.dumps(res) if a.json else format_table(res))
+    return 0

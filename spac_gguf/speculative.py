@@ -1,0 +1,173 @@
+"""The speculative decoding loop: draft proposes K tokens, the target verifies K+1 rows at once.
+
+One round (the algorithm, with the names of Leviathan et al. / gpt-fast):
+  1. the draft catches up on the verified tokens it has not seen and proposes d_0..d_{K-1}
+     (greedy: argmax; sampling: d_i ~ q_i);
+  2. the target decodes [x_last, d_0, .., d_{K-1}] in ONE batch: p_0..p_K;
+  3. accept d_i while it matches (greedy: d_i == argmax p_i; sampling: r < p_i(d_i)/q_i(d_i));
+     at the first rejection emit argmax p_i (greedy) or a draw from norm(max(p_i - q_i, 0));
+     with all K accepted, emit a bonus token from p_K;
+  4. both KV caches forget the rejected positions.
+K = 0 (or no draft) is plain decoding: one row per target pass.
+The target's routing of the K+1 rows (step 2) goes to the engine and the trace after step 3.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from .llama_backend import LlamaContext
+from .sampling import Sampler
+
+
+class Verifier(Protocol):
+    """The target side of a round: decode rows, then learn which of them became output."""
+    ctx: LlamaContext
+
+    def verify(self, tokens: list[int]) -> np.ndarray:
+        """Logits [len(tokens), n_vocab] for every row."""
+
+    def observe(self, accepted_rows: int) -> np.ndarray | None:
+        """Called after acceptance; returns the pass's routing [rows, layers, k] or None."""
+
+
+@dataclass
+class Stats:
+    """Running numbers, attached to every yielded token (a UI can show them live)."""
+    n_prompt: int = 0
+    n_generated: int = 0
+    n_target_passes: int = 0
+    n_drafted: int = 0
+    n_draft_accepted: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_prefill: float = 0.0
+    t_draft: float = 0.0
+    t_verify: float = 0.0
+    t_last: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.n_draft_accepted / self.n_drafted if self.n_drafted else None
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generation speed after the prompt (prefill excluded)."""
+        dt = self.t_last - (self.t_start + self.t_prefill)
+        return self.n_generated / dt if dt > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "n_prompt": self.n_prompt, "n_generated": self.n_generated,
+            "n_target_passes": self.n_target_passes, "n_drafted": self.n_drafted,
+            "n_draft_accepted": self.n_draft_accepted, "acceptance_rate": self.acceptance_rate,
+            "tokens_per_second": self.tokens_per_second,
+            "time": {"prefill_s": self.t_prefill, "draft_s": self.t_draft, "verify_s": self.t_verify,
+                     "total_s": self.t_last - self.t_start},
+        }
+
+
+@dataclass
+class Step:
+    token: int
+    from_draft: bool
+    stats: Stats
+    routing: np.ndarray | None = None    # the target pass that produced this token
+
+
+class Drafter:
+    """The draft model's side: keeps its KV equal to a prefix of the verified tokens."""
+
+    def __init__(self, ctx: LlamaContext):
+        self.ctx = ctx
+
+    def propose(self, tokens: list[int], K: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray]]:
+        """d_0..d_{K-1} after `tokens`, and q_i (only when sampling)."""
+        drafts: list[int] = []
+        qs: list[np.ndarray] = []
+        pending = tokens[self.ctx.n_past:]
+        for _ in range(K):
+            logits = self.ctx.decode(pending, "last")[0]
+            if sampler.greedy:
+                d = int(np.argmax(logits))
+            else:
+                q = sampler.probs(logits)
+                d = sampler.draw(q)
+                qs.append(q)
+            drafts.append(d)
+            pending = [d]
+        return drafts, qs
+
+    def keep(self, n_valid: int) -> None:
+        self.ctx.rollback(min(self.ctx.n_past, n_valid))
+
+
+def accept(drafts: list[int], qs: list[np.ndarray], logits: np.ndarray, sampler: Sampler) -> list[int]:
+    """Tokens emitted by one verify pass: the accepted drafts, then one target token."""
+    out: list[int] = []
+    for i, d in enumerate(drafts):
+        if sampler.greedy:
+            t = int(np.argmax(logits[i]))
+            if t != d:
+                return out + [t]
+        else:
+            p = sampler.probs(logits[i])
+            if not sampler.accept(p[d], qs[i][d]):
+                return out + [sampler.residual(p, qs[i])]
+        out.append(d)
+    return out + [sampler.sample(logits[len(drafts)])]
+
+
+def prefill(target: Verifier, drafter: Drafter | None, prompt: list[int]) -> None:
+    """Put all prompt tokens but the last into both KV caches; the last one opens round 1."""
+    if len(prompt) > 1:
+        target.ctx.decode(prompt[:-1], "last")
+        if drafter is not None:
+            drafter.ctx.decode(prompt[:-1], "last")
+
+
+def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, max_tokens: int,
+             draft_max: int, sampler: Sampler, is_eog=lambda t: False) -> Iterator[Step]:
+    """Speculative decoding; yields each emitted token with running stats."""
+    if not prompt:
+        raise ValueError("empty prompt")
+    stats = Stats(n_prompt=len(prompt))
+    t0 = time.perf_counter()
+    prefill(target, drafter, prompt)
+    stats.t_prefill = time.perf_counter() - t0
+    tokens = list(prompt)
+    n_ctx = min(target.ctx.n_ctx, drafter.ctx.n_ctx) if drafter else target.ctx.n_ctx
+    while stats.n_generated < max_tokens:
+        room = n_ctx - len(tokens) - 1
+        if room < 0:
+            return
+        K = min(draft_max, max_tokens - stats.n_generated - 1, room) if drafter else 0
+        t1 = time.perf_counter()
+        drafts, qs = drafter.propose(tokens, K, sampler) if K > 0 else ([], [])
+        t2 = time.perf_counter()
+        logits = target.verify([tokens[-1]] + drafts)
+        emitted = accept(drafts, qs, logits, sampler)
+        a = len(emitted) - 1                          # accepted drafts
+        L = len(tokens)
+        target.ctx.rollback(L + a)                    # keep x_last and d_0..d_{a-1}
+        routing = target.observe(a + 1)
+        if drafter is not None:
+            drafter.keep(L + a)
+        t3 = time.perf_counter()
+        stats.t_draft += t2 - t1
+        stats.t_verify += t3 - t2
+        stats.n_target_passes += 1
+        stats.n_drafted += len(drafts)
+        stats.n_draft_accepted += a
+        for i, tok in enumerate(emitted):
+            tokens.append(tok)
+            stats.n_generated += 1
+            stats.t_last = time.perf_counter()
+            if stats.t_first is None:
+                stats.t_first = stats.t_last
+            yield Step(token=tok, from_draft=i < a, stats=stats, routing=routing)
+            if is_eog(tok) or stats.n_generated >= max_tokens:
+                return

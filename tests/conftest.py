@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny real GGUF pairs (scripts/make_test_models.py) and loaded models."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from spac_gguf import testmodels
+
+ARCHS = testmodels.ARCHS
+PROMPTS = ["Hello world, this is a test", "def fibonacci(n):", "The capital of France is"]
+
+
+def test_threads() -> int:
+    return int(os.environ.get("SPAC_TEST_THREADS", min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def threads() -> int:
+    return test_threads()
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def pair_files(arch):
+    return testmodels.make_pair(arch=arch, quant="Q8_0")

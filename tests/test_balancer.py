@@ -1,0 +1,128 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from spac_gguf.balancer import EPS_LOAD_MS, Balancer, InfeasibleBudget, greedy_swaps, slots_for_budget
+from spac_gguf.hardware import HardwareProfile
+
+HW = HardwareProfile("test", link_gbps=10.0, cpu_expert_gbps=20.0, cpu_s_per_expert_token=2e-5,
+                     gpu_s_per_expert_token=5e-5, gpu_pass_s=3e-4, draft_s_per_token=1e-3)
+B = 1_000_000
+
+
+def best_split_T(c, g, k, G0, cached, split):
+    """Dual of min_x max(A − Σc·x, G + Σk·x): max over λ of λA + (1−λ)G + Σ min(0, (1−λ)k − λc),
+    a concave piecewise-linear function, so its maximum sits at 0, 1 or a breakpoint k/(c+k)."""
+    A, G = c[~cached].sum(), G0 + g[cached].sum()
+    if not split:
+        return max(A, G)
+    cu, ku = c[~cached], k[~cached]
+    lams = np.r_[0.0, 1.0, ku / np.maximum(cu + ku, 1e-300)]
+    return max(l * A + (1 - l) * G + np.minimum(0, (1 - l) * ku - l * cu).sum() for l in lams)
+
+
+def brute(bal, d, resident, budget):
+    """Min of T + ε·loads over every placement with |R_l| ≤ experts ≤ S per layer (a resident leaves
+    only for a load) and ≤ budget/B new ones."""
+    L, E = d.shape
+    S = resident.shape[1]
+    c, g, k = bal.costs(d)
+    res = np.zeros((L, E), bool)
+    for l in range(L):
+        res[l, resident[l][resident[l] >= 0]] = True
+    per_layer = [[m for n in range(res[l].sum(), S + 1) for m in itertools.combinations(range(E), n)]
+                 for l in range(L)]
+    best = np.inf
+    for choice in itertools.product(*per_layer):
+        cached = np.zeros((L, E), bool)
+        for l, m in enumerate(choice):
+            cached[l, list(m)] = True
+        loads = int((cached & ~res).sum())
+        if loads * B > budget:
+            continue
+        best = min(best, best_split_T(c, g, k, 1e3 * HW.gpu_pass_s, cached, bal.split) + EPS_LOAD_MS * loads)
+    return best
+
+
+def random_instance(rng, L, E, S):
+    d = rng.exponential(1.0, (L, E)) * (rng.random((L, E)) < 0.8)
+    resident = np.full((L, S), -1, np.int32)
+    for l in range(L):
+        n = int(rng.integers(0, S + 1))
+        resident[l, rng.choice(S, n, replace=False)] = rng.choice(E, n, replace=False)
+    return d, resident
+
+
+def plan_value(bal, d, resident, plan):
+    c, g, k = bal.costs(d)
+    cached = np.zeros(d.shape, bool)
+    for l in range(d.shape[0]):
+        cached[l, resident[l][resident[l] >= 0]] = True
+    for l, e, s in plan.loads:
+        if resident[l, s] >= 0:
+            cached[l, resident[l, s]] = False
+        cached[l, e] = True
+    return best_split_T(c, g, k, 1e3 * HW.gpu_pass_s, cached, bal.split) + EPS_LOAD_MS * len(plan.loads)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_equals_brute_force(split, seed):
+    rng = np.random.default_rng(seed)
+    L, E, S = int(rng.integers(1, 3)), int(rng.integers(3, 7)), int(rng.integers(1, 4))
+    d, resident = random_instance(rng, L, E, S)
+    budget = int(rng.integers(0, 4)) * B + int(rng.integers(0, B))
+    bal = Balancer(HW, B, split=split, time_limit_s=1.0)
+    plan = bal.solve(d, resident, budget)
+    want = brute(bal, d, resident, budget)
+    assert plan_value(bal, d, resident, plan) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert plan.T * 1e3 + EPS_LOAD_MS * len(plan.loads) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("max_free", [8, 32])
+def test_never_exceeds_slots_or_load_budget(max_free):
+    rng = np.random.default_rng(7)
+    bal = Balancer(HW, B, split=True, max_free=max_free)
+    L, E, S = 6, 32, 4
+    d, resident = random_instance(rng, L, E, S)
+    for _ in range(20):
+        budget = int(rng.integers(0, 12)) * B
+        plan = bal.solve(d, resident, budget)
+        assert len(plan.loads) * B <= budget
+        slots = [(l, s) for l, _, s in plan.loads]
+        assert len(set(slots)) == len(slots)
+        for l, e, s in plan.loads:
+            assert e not in resident[l]
+            resident[l, s] = e
+        for l in range(L):
+            live = resident[l][resident[l] >= 0]
+            assert len(set(live.tolist())) == len(live) <= S
+        d = np.maximum(d + rng.normal(0, 0.5, d.shape), 0)
+    assert bal.solves == 20
+
+
+def test_greedy_swaps_matches_sorting_reference():
+    rng = np.random.default_rng(3)
+    score = rng.random((3, 8)) - 0.2
+    resident = np.array([[0, 1, -1], [2, 3, 4], [-1, -1, -1]], np.int32)
+    got = greedy_swaps(score, resident, 100)
+    want = []
+    for l in range(3):
+        vict = sorted(range(3), key=lambda s: -np.inf if resident[l, s] < 0 else score[l, resident[l, s]])
+        cand = sorted((e for e in range(8) if e not in resident[l] and score[l, e] > 0), key=lambda e: -score[l, e])
+        for e, s in zip(cand, vict):
+            v = -np.inf if resident[l, s] < 0 else score[l, resident[l, s]]
+            if score[l, e] > v:
+                want.append((l, e, s))
+    assert sorted(got) == sorted(want)
+    assert len(greedy_swaps(score, resident, 2)) == 2
+
+
+def test_infeasible_budgets_raise():
+    with pytest.raises(InfeasibleBudget, match="holds no expert"):
+        slots_for_budget(10 * B, B, 48, 128)
+    assert slots_for_budget(100 * B, B, 48, 128) == 2
+    assert slots_for_budget(10**15, B, 48, 128) == 128
+    with pytest.raises(InfeasibleBudget):
+        Balancer(HW, B).solve(np.ones((1, 4)), np.full((1, 2), -1, np.int32), -1)

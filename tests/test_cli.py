@@ -1,0 +1,115 @@
+"""The CLI: bad input gives one line on stderr and exit code 2; good input prints text and stats."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from spac_gguf import native, testmodels
+
+from conftest import test_threads
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spac_gguf.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return testmodels.make_pair(arch="qwen3moe", quant="Q8_0")
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    return testmodels.make_pair(arch="llama", quant="Q8_0")
+
+
+def test_missing_file(tmp_path):
+    assert_clean_error(cli("run", str(tmp_path / "nope.gguf"), "-n", "4"), "not found")
+
+
+def test_not_a_gguf(tmp_path):
+    f = tmp_path / "x.gguf"
+    f.write_text("hello, I am not a model\n" * 10)
+    assert_clean_error(cli("run", str(f), "-n", "4"), "GGUF")
+
+
+def test_truncated_gguf(tmp_path, qwen):
+    data = qwen[0].read_bytes()
+    f = tmp_path / "trunc.gguf"
+    f.write_bytes(data[: len(data) // 2])
+    assert_clean_error(cli("run", str(f), "-n", "4"), "truncated")
+
+
+def test_draft_vocab_mismatch(qwen, llama_pair):
+    r = cli("run", str(qwen[0]), "--draft", str(llama_pair[1]), "-n", "4")
+    assert_clean_error(r, "151936", "32000")
+
+
+@pytest.mark.parametrize("args,needle", [(["--draft-max", "-1"], "--draft-max"), (["-n", "0"], "-n")])
+def test_bad_numbers(qwen, args, needle):
+    assert_clean_error(cli("run", str(qwen[0]), "--draft", str(qwen[1]), *args), needle)
+
+
+def test_dense_target_runs_with_notice(llama_pair):
+    r = cli("run", str(llama_pair[1]), "-n", "4", "-t", str(test_threads()), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "dense" in r.stderr and "expert features are off" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["routing"] is None and out["n_generated"] == 4
+
+
+def test_run_json_and_trace(qwen, tmp_path):
+    tr = tmp_path / "trace.npz"
+    r = cli("run", str(qwen[0]), "-md", str(qwen[1]), "-p", "Hello", "-n", "12", "--draft-max", "3",
+            "-t", str(test_threads()), "--trace", str(tr), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("tokens", "text", "n_generated", "n_target_passes", "acceptance_rate", "tokens_per_second",
+                "routing"):
+        assert key in out
+    assert out["n_generated"] == len(out["tokens"]) == 12
+    assert out["routing"] == {"layers": 4, "experts": 8, "used": 2}
+    plain = json.loads(cli("run", str(qwen[0]), "-p", "Hello", "-n", "12", "-t", str(test_threads()),
+                           "--json").stdout)
+    assert plain["tokens"] == out["tokens"] and plain["acceptance_rate"] is None
+    assert tr.exists()
+
+
+def test_inspect_json(qwen):
+    r = cli("inspect", str(qwen[0]), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["n_expert"] == 8
+
+
+@pytest.mark.skipif(not native.available(), reason="needs our patched llama.cpp build")
+def test_lru_cache_is_lossless_and_hits(qwen):
+    base = ["run", str(qwen[0]), "-md", str(qwen[1]), "-p", "Once upon a time", "-n", "32", "--draft-max", "3",
+            "-t", str(test_threads()), "--json"]
+    plain = json.loads(cli(*base, "--policy", "none").stdout)
+    r = cli(*base, "--policy", "lru", "--cache-slots", "4")
+    assert r.returncode == 0, r.stderr
+    lru = json.loads(r.stdout)
+    assert lru["tokens"] == plain["tokens"]
+    c = lru["cache"]
+    assert c["policy"] == "lru" and c["slots_per_layer"] == 4
+    assert c["hits"] > 0 and c["bytes_loaded"] > 0
+
+
+@pytest.mark.skipif(not native.available(), reason="needs our patched llama.cpp build")
+def test_cache_bad_args(qwen):
+    assert_clean_error(cli("run", str(qwen[0]), "--policy", "lru", "--cache-slots", "99", "-n", "2"), "cache-slots")
+    assert_clean_error(cli("run", str(qwen[0]), "--policy", "static", "--cache-slots", "2", "-n", "2"), "calibration")

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from spac_gguf.engine import Engine, SimulatedSlotStore
+from spac_gguf.policies import LRUPolicy, Policy
+
+B = 1000
+
+
+class RandomPolicy(Policy):
+    """Proposes random loads, busy slots and resident experts included: the engine must cope."""
+    name = "random"
+
+    def __init__(self, L, E, seed):
+        super().__init__(L, E, B)
+        self.rng = np.random.default_rng(seed)
+
+    def plan(self, resident, load_budget_bytes):
+        L, S = resident.shape
+        n = int(self.rng.integers(0, 2 * L * S))
+        return [(int(self.rng.integers(L)), int(self.rng.integers(self.E)), int(self.rng.integers(S))) for _ in range(n)]
+
+
+def routing(rng, rows, L, E, k):
+    ids = np.stack([[rng.choice(E, k, replace=False) for _ in range(L)] for _ in range(rows)]).astype(np.int32)
+    ids[:, 0] = -1                                              # a dense layer
+    return ids
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["random", "lru"])
+def test_maps_never_point_at_incomplete_loads(seed, kind):
+    rng = np.random.default_rng(seed)
+    L, E, S, k = 3, 10, 3, 2
+    store = SimulatedSlotStore(L, E, S, B, link_gbps=B / 1e9 / 0.01, jitter_s=0.05, seed=seed)  # 10 ms per load
+    policy = RandomPolicy(L, E, seed) if kind == "random" else LRUPolicy(L, E, B)
+    budget = 4 * B
+    eng = Engine(store, policy, budget)
+    hits = entries = 0
+    for _ in range(150):
+        eng.before_verify()
+        maps = store.decode()                                   # raises on a map into an incomplete slot
+        ids = routing(rng, int(rng.integers(1, 6)), L, E, k)
+        for l in range(L):                                      # independent hit count from the maps
+            for e in ids[:, l].ravel():
+                if e >= 0:
+                    entries += 1
+                    hits += int(e in maps[l])
+        loaded = eng.bytes_loaded
+        eng.after_verify(ids, int(rng.integers(1, ids.shape[0] + 1)))
+        assert eng.bytes_loaded - loaded <= budget
+        assert len(store.pending) * B <= budget
+        store.advance(float(rng.uniform(0, 0.04)))
+    st = eng.stats()
+    assert (st["hits"], st["hits"] + st["misses"]) == (hits, entries)
+    assert st["bytes_loaded"] > 0 and hits > 0
+
+
+def test_decode_check_catches_a_missing_publish():
+    store = SimulatedSlotStore(1, 4, 2, B, link_gbps=1e-6)
+    store.load_async(0, 1, 0)
+    store.advance(1.0)
+    store.poll()
+    store.publish()
+    store.load_async(0, 2, 0)                                   # overwrite a published slot ...
+    with pytest.raises(AssertionError):
+        store.decode()                                          # ... and decode without publishing
+    store.publish()
+    assert store.decode()[0, 0] == -1
+
+
+def test_hits_count_only_published_experts():
+    store = SimulatedSlotStore(1, 4, 1, B, link_gbps=1e-3)      # 1 ms per load
+    eng = Engine(store, LRUPolicy(1, 4, B), B)
+    ids = np.array([[[2]]], np.int32)
+    eng.before_verify()
+    eng.after_verify(ids, 1)                                    # miss; LRU loads expert 2
+    eng.before_verify()                                         # load not complete: still a miss
+    eng.after_verify(ids, 1)
+    store.advance(0.002)
+    eng.before_verify()
+    eng.after_verify(ids, 1)                                    # now a hit
+    st = eng.stats()
+    assert (st["hits"], st["misses"], st["bytes_loaded"]) == (1, 2, B)
