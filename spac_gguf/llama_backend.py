@@ -34,9 +34,14 @@ def _init_backend() -> None:
         return
     verbose = os.environ.get("SPAC_LLAMA_LOG") == "1"
 
+    last = [0]
+
     @llc.llama_log_callback
     def _log(level, text, user_data):  # noqa: ARG001 - C signature
-        if verbose:
+        # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line
+        lvl = last[0] if level == 5 else level
+        last[0] = lvl
+        if verbose or lvl == 4:
             os.write(2, text or b"")
 
     _LOG_CB = _log

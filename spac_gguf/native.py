@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-import llama_cpp as llc
+import llama_cpp.llama_cpp as llc
 
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
 

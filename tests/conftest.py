@@ -11,13 +11,13 @@ ARCHS = testmodels.ARCHS
 PROMPTS = ["Hello world, this is a test", "def fibonacci(n):", "The capital of France is"]
 
 
-def test_threads() -> int:
+def n_test_threads() -> int:
     return int(os.environ.get("SPAC_TEST_THREADS", min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
 def threads() -> int:
-    return test_threads()
+    return n_test_threads()
 
 
 @pytest.fixture(scope="session", params=ARCHS)

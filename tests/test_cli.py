@@ -9,7 +9,7 @@ import pytest
 
 from spac_gguf import native, testmodels
 
-from conftest import test_threads
+from conftest import n_test_threads
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -64,7 +64,7 @@ def test_bad_numbers(qwen, args, needle):
 
 
 def test_dense_target_runs_with_notice(llama_pair):
-    r = cli("run", str(llama_pair[1]), "-n", "4", "-t", str(test_threads()), "--json")
+    r = cli("run", str(llama_pair[1]), "-n", "4", "-t", str(n_test_threads()), "--json")
     assert r.returncode == 0, r.stderr
     assert "dense" in r.stderr and "expert features are off" in r.stderr
     out = json.loads(r.stdout)
@@ -74,7 +74,7 @@ def test_dense_target_runs_with_notice(llama_pair):
 def test_run_json_and_trace(qwen, tmp_path):
     tr = tmp_path / "trace.npz"
     r = cli("run", str(qwen[0]), "-md", str(qwen[1]), "-p", "Hello", "-n", "12", "--draft-max", "3",
-            "-t", str(test_threads()), "--trace", str(tr), "--json")
+            "-t", str(n_test_threads()), "--trace", str(tr), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     for key in ("tokens", "text", "n_generated", "n_target_passes", "acceptance_rate", "tokens_per_second",
@@ -82,7 +82,7 @@ def test_run_json_and_trace(qwen, tmp_path):
         assert key in out
     assert out["n_generated"] == len(out["tokens"]) == 12
     assert out["routing"] == {"layers": 4, "experts": 8, "used": 2}
-    plain = json.loads(cli("run", str(qwen[0]), "-p", "Hello", "-n", "12", "-t", str(test_threads()),
+    plain = json.loads(cli("run", str(qwen[0]), "-p", "Hello", "-n", "12", "-t", str(n_test_threads()),
                            "--json").stdout)
     assert plain["tokens"] == out["tokens"] and plain["acceptance_rate"] is None
     assert tr.exists()
@@ -98,7 +98,7 @@ def test_inspect_json(qwen):
 @pytest.mark.skipif(not native.available(), reason="needs our patched llama.cpp build")
 def test_lru_cache_is_lossless_and_hits(qwen):
     base = ["run", str(qwen[0]), "-md", str(qwen[1]), "-p", "Once upon a time", "-n", "32", "--draft-max", "3",
-            "-t", str(test_threads()), "--json"]
+            "-t", str(n_test_threads()), "--json"]
     plain = json.loads(cli(*base, "--policy", "none").stdout)
     r = cli(*base, "--policy", "lru", "--cache-slots", "4")
     assert r.returncode == 0, r.stderr

@@ -40,8 +40,8 @@ def _random_placement(cache: ExpertCache, rng: np.random.Generator) -> None:
 def test_split_is_bit_exact_with_random_maps(model, threads):
     """Logits with a different random cache placement every decode == the uncached context's."""
     m, lay = model
-    ref = LlamaContext(m, n_ctx=128, n_threads=threads)
-    ctx = LlamaContext(m, n_ctx=128, n_threads=threads)
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
     cache = ExpertCache(ctx.ptr, n_slots=3, on_host=True)
     assert cache.cached_layers.sum() == len(lay.moe_layers)
     rng = np.random.default_rng(0)
@@ -59,6 +59,11 @@ def test_split_is_bit_exact_with_random_maps(model, threads):
         b = ctx.decode([t], "all")
         assert np.array_equal(a, b)
     assert hits > 0
+    # a 20-row batch (slot branch in chunks of 8) and a 40-row one (stock path) stay exact too
+    for n in (20, 40):
+        _random_placement(cache, rng)
+        chunk = [int(t) for t in rng.integers(100, 1000, size=n)]
+        assert np.array_equal(ref.decode(chunk, "all"), ctx.decode(chunk, "all"))
 
 
 def test_slot_bytes_equal_file_bytes(model):

@@ -1,0 +1,759 @@
+"""GPU proof benchmark (issue 6): one run, same files, systems interleaved, every number with a roofline.
+
+    bench_gpu.py --target T.gguf --draft D.gguf [--out docs/bench/gpu-DATE.json]
+                 [--systems ...] [--budgets 0.10,0.17,0.30] [--acceptances 0.5,0.7,0.9]
+                 [--main-budget 0.17] [--main-acceptance 0.7] [--full-matrix]
+                 [-n 48] [--repeats 3] [--draft-max 5] [-ngl 99] [--hw h100-pcie5] [--time-limit 420]
+
+Systems (all from our build; (1)-(3) run with the expert cache off):
+  llama_ar_cpu     plain decoding, routed experts on the CPU (llama.cpp `-ot exps=CPU`)
+  llama_ar_layers  plain decoding, the experts of the LAST whole layers on the GPU, as many layers as fit
+                   the budget (llama.cpp `--n-cpu-moe N`: the first N layers' experts stay on the CPU)
+  llama_sd_cpu     speculative decoding, experts on the CPU, no cache (the paper's "llama.cpp w/ SD")
+  sd_lru           speculative + expert cache, LRU
+  sd_static        speculative + expert cache, static hot set from a calibration routing trace
+                   (recorded here, on a different prompt, with plain decoding of the target)
+  spac             speculative + expert cache, the SpAc policy (estimator + balancer)
+  llama_ar_gpu     reference only: every weight on the GPU (the dense-part / all-GPU bound)
+
+Acceptance control ("oracle draft, corrupted"): random weights give ~0 acceptance, so the proposals are
+the target's own greedy continuation (recorded first, plain decoding, experts on CPU) with each position
+replaced by a random other token with probability 1 - a. The mask is fixed per (a, prompt) position, so
+every system sees the same proposals and, with exact verification, makes the same target passes. The
+real draft model still decodes every round (the same calls and shapes as Drafter.propose); only its
+argmax is discarded. Measured `acceptance` = accepted / examined draft tokens (examined = accepted +
+first rejection of each round), the per-token rate the setting a controls; `acceptance_rate` is
+accepted / drafted (what Stats reports: lower, because drafts after a rejection are never examined).
+
+Matrix (default): every system at the main budget and the main acceptance; the acceptance sweep for the
+speculative systems at the main budget; the budget sweep for llama_ar_layers and the cache systems at
+the main acceptance. Budget-free systems run once. Pairs of one budget are loaded together and runs are
+interleaved (repeat → acceptance → system); a cache keeps its contents between runs (steady state).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import llama_cpp  # noqa: E402
+import llama_cpp.llama_cpp as _llc  # noqa: E402
+
+if not hasattr(llama_cpp, "_lib"):      # spac_gguf/native.py reads llama_cpp._lib (not re-exported by *)
+    llama_cpp._lib = _llc._lib
+
+from spac_gguf import gguf_layout, llama_backend, native  # noqa: E402
+from spac_gguf.pair import ModelPair  # noqa: E402
+from spac_gguf.sampling import Sampler  # noqa: E402
+from spac_gguf.speculative import Drafter, generate as spec_generate  # noqa: E402
+from spac_gguf.trace import TraceRecorder  # noqa: E402
+
+AR_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_ar_gpu")
+SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac")
+CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac"}
+ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "llama_ar_gpu")
+BUDGETED = ("llama_ar_layers", "sd_lru", "sd_static", "spac")
+
+PROMPTS = [
+    "The history of the Roman Empire begins with",
+    "def quicksort(xs):\n    \"\"\"Sort a list of numbers.\"\"\"\n",
+    "Write a short poem about the sea and the wind.",
+    "In quantum mechanics, the uncertainty principle states that",
+    "Recipe: how to bake sourdough bread at home. Step 1:",
+]
+CALIB_PROMPT = "A calibration text about mountains, rivers, cities and the people who live there."
+DRAFTER_LABEL = "oracle draft, corrupted"
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# acceptance control
+# ---------------------------------------------------------------------------------------------
+class OracleDrafter(Drafter):
+    """Proposals: the target's recorded greedy continuation, position j replaced by `replacement[j]`
+    where `mask[j]` (probability 1 - a). The draft model decodes exactly as Drafter.propose does
+    (pending tokens, then one row per proposal), fed the proposals it makes, so its KV stays valid."""
+
+    def __init__(self, ctx, prompt_len: int, continuation: list[int], mask: np.ndarray, replacement: np.ndarray):
+        super().__init__(ctx)
+        self.prompt_len = prompt_len
+        self.cont = list(continuation)
+        self.mask, self.replacement = mask, replacement
+        self.rounds = self.accepted = self.examined = self.drafted = 0
+        self.diverged_at: int | None = None
+        self._L = self._K = 0
+
+    def propose(self, tokens, K, sampler):
+        if not sampler.greedy:
+            raise ValueError("the oracle drafter is greedy-only")
+        n = len(tokens) - self.prompt_len
+        if self.diverged_at is None and tokens[self.prompt_len:] != self.cont[:n]:
+            gen = tokens[self.prompt_len:]
+            self.diverged_at = next(i for i in range(n) if i >= len(self.cont) or gen[i] != self.cont[i])
+        drafts: list[int] = []
+        pending = tokens[self.ctx.n_past:]
+        for i in range(K):
+            logits = self.ctx.decode(pending, "last")[0]
+            own = int(np.argmax(logits))               # the real draft's choice: computed, then replaced
+            j = n + i
+            if self.diverged_at is None and j < len(self.cont):
+                d = int(self.replacement[j]) if self.mask[j] else int(self.cont[j])
+            else:
+                d = own
+            drafts.append(d)
+            pending = [d]
+        self._L, self._K = len(tokens), K
+        return drafts, []
+
+    def keep(self, n_valid: int) -> None:
+        a = n_valid - self._L
+        self.rounds += 1
+        self.drafted += self._K
+        self.accepted += a
+        self.examined += a + (1 if a < self._K else 0)
+        super().keep(n_valid)
+
+
+def corruption(a: float, n: int, n_vocab: int, cont: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = rng.random(n) >= a
+    rep = rng.integers(0, n_vocab - 1, n)
+    c = np.asarray(cont[:n] + [0] * (n - len(cont[:n])))
+    rep = np.where(rep >= c, rep + 1, rep)             # a token different from the continuation's
+    return mask, rep
+
+
+# ---------------------------------------------------------------------------------------------
+# instrumentation (wraps instance methods of one pair; no edits to the library)
+# ---------------------------------------------------------------------------------------------
+class Probe:
+    """Per-run timers and routing statistics of one ModelPair."""
+
+    def __init__(self, pair: ModelPair, gpu_layers: set[int] | None = None):
+        self.pair = pair
+        self.gpu_layers = gpu_layers or set()
+        self.reset()
+        ctx = pair.target_ctx
+        dec = ctx.decode
+
+        def decode(tokens, logits="last"):
+            t = time.perf_counter()
+            try:
+                return dec(tokens, logits)
+            finally:
+                self.decodes.append((len(tokens), time.perf_counter() - t))
+        ctx.decode = decode
+        ver = pair.verifier
+        verify, observe = ver.verify, ver.observe
+
+        def v(tokens):
+            self.rows.append(len(tokens))
+            return verify(tokens)
+
+        def o(accepted_rows):
+            ids = observe(accepted_rows)
+            if ids is not None:
+                self._routing(ids)
+            return ids
+        ver.verify, ver.observe = v, o
+        eng = pair.engine
+        if eng is not None:
+            bv, av = eng.before_verify, eng.after_verify
+
+            def b():
+                t = time.perf_counter()
+                bv()
+                self.engine_before_s += time.perf_counter() - t
+
+            def a(ids, acc):
+                t = time.perf_counter()
+                av(ids, acc)
+                self.engine_after_s += time.perf_counter() - t
+            eng.before_verify, eng.after_verify = b, a
+
+    def reset(self):
+        self.decodes: list[tuple[int, float]] = []
+        self.rows: list[int] = []
+        self.unique: list[int] = []
+        self.uncached: list[int] = []
+        self.engine_before_s = self.engine_after_s = 0.0
+
+    def _routing(self, ids: np.ndarray) -> None:
+        ok = ids >= 0
+        L = ids.shape[1]
+        l = np.broadcast_to(np.arange(L)[None, :, None], ids.shape)
+        used = np.zeros((L, int(ids.max()) + 1 if ok.any() else 1), bool)
+        used[l[ok], ids[ok]] = True
+        cached = np.zeros_like(used)
+        eng = self.pair.engine
+        if eng is not None:                            # the maps this verify read (updated before the next)
+            live = eng.live
+            cached[:, :min(used.shape[1], live.shape[1])] = live[:, :used.shape[1]]
+        for il in self.gpu_layers:
+            cached[il] = True
+        self.unique.append(int(used.sum()))
+        self.uncached.append(int((used & ~cached).sum()))
+
+
+def cache_counters(pair: ModelPair) -> dict:
+    if pair.engine is None:
+        return {"hits": 0, "misses": 0, "bytes": 0}
+    e = pair.engine
+    return {"hits": e.hits, "misses": e.misses, "bytes": int(getattr(pair.cache, "bytes_loaded", e.bytes_loaded))}
+
+
+def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
+             oracle: tuple | None) -> tuple[list[int], dict]:
+    """One greedy generation of exactly n tokens; K = 0 is plain decoding."""
+    pair.target_ctx.reset()
+    drafter = None
+    if K > 0:
+        pair.draft_ctx.reset()
+        cont, mask, rep = oracle
+        drafter = OracleDrafter(pair.draft_ctx, len(prompt), cont, mask, rep)
+    probe.reset()
+    c0 = cache_counters(pair)
+    out, st = [], None
+    for step in spec_generate(pair.verifier, drafter, prompt, max_tokens=n, draft_max=K,
+                              sampler=Sampler(temperature=0.0), is_eog=lambda t: False):
+        out.append(step.token)
+        st = step.stats
+    c1 = cache_counters(pair)
+    dec = probe.decodes[1:] if len(prompt) > 1 else probe.decodes      # first call is the prefill
+    gen_s = st.t_last - st.t_start - st.t_prefill
+    m = {
+        "tps": st.tokens_per_second, "n_generated": st.n_generated, "passes": st.n_target_passes,
+        "rows": int(sum(probe.rows)),
+        "acceptance": (drafter.accepted / drafter.examined) if drafter and drafter.examined else None,
+        "acceptance_rate": st.acceptance_rate,
+        "diverged_at": drafter.diverged_at if drafter else None,
+        "hits": c1["hits"] - c0["hits"], "misses": c1["misses"] - c0["misses"], "bytes_copied": c1["bytes"] - c0["bytes"],
+        "unique_experts": int(sum(probe.unique)), "uncached_experts": int(sum(probe.uncached)),
+        "routing_seen": bool(probe.unique),
+        "breakdown": {
+            "total_s": gen_s, "draft_s": st.t_draft, "verify_s": st.t_verify,
+            "target_decode_s": float(sum(t for _, t in dec)),
+            "engine_publish_s": probe.engine_before_s, "engine_plan_s": probe.engine_after_s,
+            "prefill_s": st.t_prefill,
+        },
+    }
+    b = m["breakdown"]
+    b["routing_and_accept_s"] = max(0.0, b["verify_s"] - b["target_decode_s"] - b["engine_publish_s"] - b["engine_plan_s"])
+    b["other_s"] = max(0.0, gen_s - b["draft_s"] - b["verify_s"])
+    return out, m
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cpu_expert_layers(layers: list[int]):
+    """Placement of `--n-cpu-moe`: only these layers' experts go to the CPU buffer type (swaps the
+    module's expert regex while the model loads; see the final note for the proper Placement field)."""
+    old = llama_backend.EXPERT_TENSOR_PATTERN
+    llama_backend.EXPERT_TENSOR_PATTERN = r"^blk\.(" + "|".join(map(str, layers)) + r")\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+    try:
+        yield
+    finally:
+        llama_backend.EXPERT_TENSOR_PATTERN = old
+
+
+def layers_for_budget(budget: float, n_moe: int) -> int:
+    return max(1, min(n_moe, int(budget * n_moe + 1e-9)))
+
+
+class FakeCache:
+    """--fake-cache (plumbing test without the patch): slot bookkeeping only; decode reads no slots."""
+    layout = None
+
+    def __init__(self, ctx_ptr, n_slots, on_host=False):
+        lay = FakeCache.layout
+        self.n_layers, self.n_expert, self.n_slots = lay.n_layer, lay.n_expert, n_slots
+        self.expert_bytes = lay.bytes_per_expert
+        self.slot_bytes = n_slots * self.expert_bytes * len(lay.moe_layers)
+        self.slots = np.full((self.n_layers, n_slots), -1, np.int32)
+        self.pending: list[tuple[int, int, int]] = []
+        self.bytes_loaded = 0
+
+    def resident(self):
+        return self.slots.copy()
+
+    def load_async(self, layer, expert, slot):
+        self.slots[layer, slot] = -1
+        self.pending.append((layer, expert, slot))
+        self.bytes_loaded += self.expert_bytes
+
+    def poll(self):
+        done = [(l, s) for l, e, s in self.pending]
+        for l, e, s in self.pending:
+            self.slots[l, s] = e
+        self.pending = []
+        return done
+
+    def publish(self):
+        pass
+
+
+def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, calib_path: str | None):
+    """(pair, probe, info) for one system at one budget, or raise SkipSystem."""
+    kw = dict(n_gpu_layers=a.ngl, n_ctx=a.n_ctx, n_threads=a.threads)
+    base_routing = "native" if native.available() else "off"
+    draft = a.draft if system in SD_SYSTEMS else None
+    info = {"budget": budget}
+    gpu_layers: set[int] = set()
+    if system == "llama_ar_gpu":
+        pair = ModelPair(a.target, None, experts_on_cpu=False, routing=base_routing, **kw)
+        info["budget"] = 1.0
+        gpu_layers = set(lay.moe_layers)
+    elif system == "llama_ar_layers":
+        n_moe = len(lay.moe_layers)
+        n_gpu = layers_for_budget(budget, n_moe)
+        cpu = lay.moe_layers[:n_moe - n_gpu]
+        gpu_layers = set(lay.moe_layers[n_moe - n_gpu:])
+        if cpu:
+            with cpu_expert_layers(cpu):
+                pair = ModelPair(a.target, None, experts_on_cpu=True, routing=base_routing, **kw)
+        else:
+            pair = ModelPair(a.target, None, experts_on_cpu=False, routing=base_routing, **kw)
+        info.update(gpu_expert_layers=sorted(gpu_layers), n_cpu_moe=len(cpu), budget_actual=n_gpu / n_moe)
+    elif system in CACHE_POLICY:
+        pol = CACHE_POLICY[system]
+        pair = ModelPair(a.target, draft, experts_on_cpu=True, routing="auto", policy=pol,
+                         budget=f"{budget * 100:g}%", hw=a.hw, draft_max=a.draft_max,
+                         calibration=calib_path if pol == "static" else None, **kw)
+        info.update(slots_per_layer=pair.cache.n_slots,
+                    budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
+                    policy=pol, hw=a.hw)
+        if pol == "static":
+            info["calibration"] = Path(calib_path).name
+    else:                                             # llama_ar_cpu, llama_sd_cpu
+        pair = ModelPair(a.target, draft, experts_on_cpu=True, routing=base_routing, **kw)
+        info["budget"] = 0.0
+    info.setdefault("budget_actual", info["budget"])
+    info["routing_capture"] = ("native" if native.available() else
+                               ("callback" if pair.routing is not None else "off"))
+    return pair, Probe(pair, gpu_layers), info
+
+
+# ---------------------------------------------------------------------------------------------
+# bandwidths (a subprocess: torch never shares a process with llama.cpp's CUDA runtime)
+# ---------------------------------------------------------------------------------------------
+def _dram_worker(nbytes, barrier, q, reps):
+    x = np.ones(nbytes // 4, np.float32)
+    x.sum()
+    ts = []
+    for _ in range(reps):
+        barrier.wait()
+        t = time.perf_counter()
+        x.sum()
+        ts.append((t, time.perf_counter()))
+    q.put(ts)
+
+
+def measure_bandwidths(mb_per_worker: int = 128, reps: int = 5) -> dict:
+    """DRAM read bandwidth (numpy sum: one process, then one process per core started together) and,
+    with torch + CUDA, host→device copy bandwidth (pinned, pageable, one expert-sized copy)."""
+    import multiprocessing as mp
+    out: dict = {}
+    nt = os.cpu_count() or 1
+    nbytes = mb_per_worker << 20
+    x = np.ones(nbytes // 4, np.float32)
+    x.sum()
+    best1 = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best1 = min(best1, time.perf_counter() - t)
+    del x
+    out["dram_read_gbps_1thread"] = nbytes / best1 / 1e9
+    ctx = mp.get_context("fork")
+    barrier, q = ctx.Barrier(nt), ctx.Queue()
+    procs = [ctx.Process(target=_dram_worker, args=(nbytes, barrier, q, reps)) for _ in range(nt)]
+    for p in procs:
+        p.start()
+    res = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    best = min(max(r[i][1] for r in res) - min(r[i][0] for r in res) for i in range(reps))
+    out["dram_read_gbps"] = nbytes * nt / best / 1e9
+    out["dram_threads"] = nt
+    try:
+        import torch
+    except Exception as e:                             # noqa: BLE001
+        out["pcie_note"] = f"torch not importable ({type(e).__name__}): PCIe not measured"
+        return out
+    if not torch.cuda.is_available():
+        out["pcie_note"] = "torch has no CUDA device: PCIe not measured"
+        return out
+    out["device"] = torch.cuda.get_device_name(0)
+    out["device_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    def h2d(nbytes, pinned, reps):
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        src.fill_(1)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dst.copy_(src, non_blocking=pinned)
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            dst.copy_(src, non_blocking=pinned)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return nbytes / best / 1e9
+    out["pcie_h2d_pinned_gbps"] = h2d(1 << 30, True, 5)
+    out["pcie_h2d_pageable_gbps"] = h2d(256 << 20, False, 3)
+    out["pcie_h2d_pinned_2650KB_gbps"] = h2d(2_654_208, True, 50)
+    return out
+
+
+def bandwidths_subprocess(timeout: int = 120) -> dict:
+    try:
+        r = subprocess.run([sys.executable, __file__, "--measure-bw"], capture_output=True, text=True, timeout=timeout)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except Exception as e:                             # noqa: BLE001
+        return {"error": f"bandwidth measurement failed: {e}"}
+
+
+def device_name() -> str:
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,pcie.link.gen.max,pcie.link.width.max",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.strip().splitlines()[0]
+    except Exception:                                  # noqa: BLE001
+        pass
+    return "no GPU"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# roofline
+# ---------------------------------------------------------------------------------------------
+def expected_unique(rows: int, k: int, E: int) -> float:
+    """Distinct experts per layer of a pass of `rows` rows under uniform independent routing."""
+    return E * (1.0 - (1.0 - k / E) ** rows)
+
+
+def roofline(res: dict, lay, bw: dict, gpu_pass_s: float, gpu_pass_basis: str) -> dict:
+    """Lower bound on generation time for the passes this run made: draft as measured, plus per pass
+    the all-GPU pass time, plus the uncached experts it touched streamed once at DRAM read bandwidth
+    (the CPU expert path's ceiling); `split` also lets PCIe carry part of them concurrently."""
+    dram = bw.get("dram_read_gbps")
+    if not dram:
+        return {"note": "no DRAM bandwidth"}
+    B = lay.bytes_per_expert
+    n_moe = len(lay.moe_layers)
+    if res["routing_seen"]:
+        uncached = res["uncached_experts"]              # per-run means
+        basis = "measured routing"
+    else:                                             # plain decoding without routing capture: estimate
+        r = res["rows"] / max(res["passes"], 1)
+        cpu_layers = n_moe * (1.0 - (res.get("budget_actual") or 0.0))
+        uncached = res["passes"] * cpu_layers * expected_unique(r, lay.n_expert_used, lay.n_expert)
+        basis = "uniform-routing estimate"
+    cpu_bytes = uncached * B
+    draft_s = res["breakdown"]["draft_s"]
+    passes = res["passes"]
+    t_cpu = cpu_bytes / (dram * 1e9)
+    t_min = draft_s + passes * gpu_pass_s + t_cpu
+    out = {"basis": basis, "gpu_pass_s": gpu_pass_s, "gpu_pass_basis": gpu_pass_basis,
+           "cpu_expert_bytes": cpu_bytes, "est_cpu_experts_s": t_cpu, "dram_gbps": dram,
+           "tps": res["n_generated"] / t_min if t_min > 0 else None}
+    out["fraction"] = res["tps"] / out["tps"] if out["tps"] else None
+    pcie = bw.get("pcie_h2d_pinned_gbps")
+    if pcie:
+        t_split = draft_s + passes * gpu_pass_s + cpu_bytes / ((dram + pcie) * 1e9)
+        out["split_tps"] = res["n_generated"] / t_split
+        out["split_fraction"] = res["tps"] / out["split_tps"]
+        out["copy_s_at_pcie"] = res["bytes_copied"] / (pcie * 1e9)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the matrix
+# ---------------------------------------------------------------------------------------------
+def cells(a) -> list[tuple[str, float | None, float | None]]:
+    """(system, budget, acceptance) to measure; None = not applicable."""
+    out = []
+    for s in a.systems:
+        if s in ("llama_ar_cpu", "llama_ar_gpu"):
+            out.append((s, None, None))
+        elif s == "llama_ar_layers":
+            out += [(s, b, None) for b in a.budgets]
+        elif s == "llama_sd_cpu":
+            out += [(s, None, acc) for acc in a.acceptances]
+        else:
+            for b in a.budgets:
+                for acc in a.acceptances:
+                    if a.full_matrix or b == a.main_budget or acc == a.main_acceptance:
+                        out.append((s, b, acc))
+    return out
+
+
+def phase_of(cell, a) -> str:
+    s, b, _ = cell
+    if s == "llama_ar_gpu":
+        return "gpu-ref"
+    return f"{(b if b is not None else a.main_budget):g}"
+
+
+def aggregate(runs: list[dict]) -> dict:
+    tps = [r["tps"] for r in runs]
+    agg = {"tps": statistics.median(tps), "tps_runs": tps, "repeats": len(runs),
+           "tps_min": min(tps), "tps_max": max(tps)}
+    for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts"):
+        agg[k] = float(np.mean([r[k] for r in runs]))
+    acc = [r["acceptance"] for r in runs if r["acceptance"] is not None]
+    agg["acceptance"] = float(np.mean(acc)) if acc else None
+    ar = [r["acceptance_rate"] for r in runs if r["acceptance_rate"] is not None]
+    agg["acceptance_rate"] = float(np.mean(ar)) if ar else None
+    agg["diverged"] = [r["diverged_at"] for r in runs if r["diverged_at"] is not None]
+    agg["output_matches_reference"] = all(r["matches_reference"] for r in runs)
+    agg["routing_seen"] = all(r["routing_seen"] for r in runs)
+    agg["breakdown"] = {k: float(np.mean([r["breakdown"][k] for r in runs])) for k in runs[0]["breakdown"]}
+    n = agg["hits"] + agg["misses"]
+    agg["hit_rate"] = agg["hits"] / n if n else None
+    return agg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="spac-gguf GPU benchmark (issue 6)")
+    ap.add_argument("--measure-bw", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--target")
+    ap.add_argument("--draft")
+    ap.add_argument("--out", default=None, help="JSON path (default docs/bench/gpu-<date>.json)")
+    ap.add_argument("--systems", default=",".join(ALL_SYSTEMS))
+    ap.add_argument("--budgets", default="0.10,0.17,0.30")
+    ap.add_argument("--acceptances", default="0.5,0.7,0.9")
+    ap.add_argument("--main-budget", type=float, default=0.17)
+    ap.add_argument("--main-acceptance", type=float, default=0.7)
+    ap.add_argument("--full-matrix", action="store_true")
+    ap.add_argument("-n", "--tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--draft-max", type=int, default=5, help="K (the verify pass has K+1 rows)")
+    ap.add_argument("-ngl", "--gpu-layers", dest="ngl", type=int, default=None, help="default 99 with a GPU, else 0")
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("-c", "--n-ctx", type=int, default=None)
+    ap.add_argument("--hw", default=None, help="hardware profile for spac/the engine (default h100-pcie5 / desktop-pcie4x16)")
+    ap.add_argument("--time-limit", type=float, default=420.0, help="seconds; later runs are skipped, noted in the JSON")
+    ap.add_argument("--calib-tokens", type=int, default=64)
+    ap.add_argument("--fake-cache", action="store_true",
+                    help="plumbing test without the patch: cache bookkeeping only (decode reads no slots)")
+    ap.add_argument("--no-bw", action="store_true", help="skip the bandwidth measurements")
+    a = ap.parse_args(argv)
+    if a.measure_bw:
+        print(json.dumps(measure_bandwidths()))
+        return 0
+    if not a.target or not a.draft:
+        ap.error("--target and --draft are required")
+    T0 = time.perf_counter()
+    a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    bad = [s for s in a.systems if s not in ALL_SYSTEMS]
+    if bad:
+        ap.error(f"unknown systems {bad}; known: {', '.join(ALL_SYSTEMS)}")
+    a.budgets = [float(x) for x in a.budgets.split(",")]
+    a.acceptances = [float(x) for x in a.acceptances.split(",")]
+    if a.main_budget not in a.budgets:
+        a.budgets.append(a.main_budget)
+    if a.main_acceptance not in a.acceptances:
+        a.acceptances.append(a.main_acceptance)
+    gpu = llama_backend.gpu_available()
+    if a.ngl is None:
+        a.ngl = 99 if gpu else 0
+    a.hw = a.hw or ("h100-pcie5" if gpu else "desktop-pcie4x16")
+    a.n_ctx = a.n_ctx or (256 + a.tokens + a.draft_max + 64)
+    date = datetime.date.today().isoformat()
+    out_path = Path(a.out or ROOT / "docs" / "bench" / f"gpu-{date}.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    skipped: list[dict] = []
+    if a.fake_cache:
+        import spac_gguf.cache as _cache
+        _cache.ExpertCache = FakeCache
+    cache_ok = native.available() or a.fake_cache
+    if not cache_ok:
+        for s in [s for s in a.systems if s in CACHE_POLICY]:
+            log(f"SKIP {s}: this llama.cpp build has no expert cache (spac_gguf.native.available() is False)")
+            skipped.append({"system": s, "reason": "llama.cpp build without the expert-cache patch"})
+        a.systems = [s for s in a.systems if s not in CACHE_POLICY]
+    if "llama_ar_gpu" in a.systems and not gpu:
+        skipped.append({"system": "llama_ar_gpu", "reason": "no GPU"})
+        a.systems.remove("llama_ar_gpu")
+
+    lay = gguf_layout.describe(a.target)
+    dlay = gguf_layout.describe(a.draft)
+    FakeCache.layout = lay
+    bw = {} if a.no_bw else bandwidths_subprocess()
+    log("bandwidths:", bw)
+
+    doc = {
+        "device": device_name(), "date": date, "host_cpu": cpu_name(), "cpu_threads": os.cpu_count(),
+        "llama_cpp": getattr(llama_cpp, "__version__", "?"), "gpu_offload": gpu, "n_gpu_layers": a.ngl,
+        "expert_cache": ("fake (bookkeeping only; decode reads no slots)" if a.fake_cache and not native.available()
+                         else ("patched" if native.available() else "absent")),
+        "model": {
+            "target": Path(a.target).name, "target_bytes": lay.file_size, "arch": lay.architecture,
+            "n_layer": lay.n_layer, "n_expert": lay.n_expert, "k": lay.n_expert_used, "n_embd": lay.n_embd,
+            "expert_qtypes": lay.expert_qtypes, "bytes_per_expert": lay.bytes_per_expert,
+            "expert_bytes": lay.expert_bytes, "dense_bytes": lay.dense_bytes, "vocab": lay.vocab_size,
+            "draft": Path(a.draft).name, "draft_bytes": dlay.file_size, "draft_arch": dlay.architecture,
+            "draft_layers": dlay.n_layer, "draft_n_embd": dlay.n_embd,
+            "weights": "random (scripts/make_bench_model.py): routing has no learned locality",
+        },
+        "method": {
+            "tokens": a.tokens, "repeats": a.repeats, "main_budget": a.main_budget,
+            "main_acceptance": a.main_acceptance, "budgets": a.budgets, "acceptances": a.acceptances, "draft_max": a.draft_max, "greedy": True,
+            "drafter": DRAFTER_LABEL, "prompts": PROMPTS[:a.repeats], "calibration_prompt": CALIB_PROMPT,
+            "calibration_tokens": a.calib_tokens, "hw_profile": a.hw, "n_ctx": a.n_ctx,
+            "interleaving": "per budget: all pairs loaded, then repeat -> acceptance -> system",
+            "tps": "median over repeats of generated tokens / generation time (prefill excluded)",
+            "acceptance": "accepted / examined draft tokens (per-token rate); acceptance_rate = accepted / drafted",
+        },
+        "bandwidth": bw, "results": [], "skipped": skipped,
+    }
+
+    def save():
+        out_path.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+
+    # 1. reference continuations (target alone, plain greedy decoding) + calibration trace
+    prompts_txt = [PROMPTS[i % len(PROMPTS)] for i in range(a.repeats)]
+    need_calib = "sd_static" in a.systems
+    log("loading the reference (target alone, experts on CPU)")
+    ref = ModelPair(a.target, None, n_gpu_layers=a.ngl, experts_on_cpu=True, n_ctx=a.n_ctx, n_threads=a.threads,
+                    routing="auto" if need_calib else ("native" if native.available() else "off"))
+    prompts = [ref.tokenize(p) for p in prompts_txt]
+    ref_probe = Probe(ref)
+    conts = []
+    for p in prompts:
+        toks, m = run_once(ref, ref_probe, p, a.tokens, 0, None)
+        conts.append(toks)
+        lg = ref.target_ctx.decode([toks[-1]], "last")
+        if not np.isfinite(lg).all():
+            raise SystemExit("the target's logits are not finite: regenerate the model")
+    doc["method"]["reference_tps"] = m["tps"]
+    warm_prompt = ref.tokenize(CALIB_PROMPT)           # warm-up runs: a prompt no timed run uses
+    warm_cont, _ = run_once(ref, ref_probe, warm_prompt, a.tokens, 0, None)
+    calib_path = None
+    if need_calib:
+        tr_toks, trace = ref.record_trace(CALIB_PROMPT, max_tokens=a.calib_tokens, draft_max=0, stop_at_eog=False)
+        calib_path = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"spac-bench-calib-{os.getpid()}.npz")
+        trace.save(calib_path)
+        log(f"calibration trace: {trace.ids.shape[0]} rows")
+    n_vocab = ref.target.n_vocab
+    ref.close()
+    warm_oracle = (warm_cont,) + corruption(a.main_acceptance, a.tokens, n_vocab, warm_cont, seed=999)
+    oracles = {acc: [(conts[i],) + corruption(acc, a.tokens, n_vocab, conts[i], seed=1000 * i + int(round(acc * 100)))
+                     for i in range(a.repeats)] for acc in a.acceptances}
+    log(f"reference continuations done ({time.perf_counter() - T0:.0f} s)")
+
+    # 2. phases
+    todo = cells(a)
+    phases: dict[str, list] = {}
+    for c in todo:
+        phases.setdefault(phase_of(c, a), []).append(c)
+    order = sorted(phases, key=lambda k: (k == "gpu-ref", k != f"{a.main_budget:g}", k))
+    gpu_pass = None
+    timed_out = False
+    for ph in order:
+        cs = phases[ph]
+        if time.perf_counter() - T0 > a.time_limit:
+            timed_out = True
+            skipped += [{"system": s, "budget": b, "acceptance": acc, "reason": "time limit"} for s, b, acc in cs]
+            continue
+        log(f"phase budget={ph}: {len(cs)} cells")
+        pairs = {}
+        for s, b, _ in cs:
+            if (s, b) in pairs:
+                continue
+            t = time.perf_counter()
+            try:
+                pairs[(s, b)] = load_pair(s, b, a, lay, calib_path)
+            except Exception as e:                     # noqa: BLE001
+                log(f"SKIP {s} budget {b}: {type(e).__name__}: {e}")
+                skipped.append({"system": s, "budget": b, "reason": f"{type(e).__name__}: {e}"})
+                continue
+            pairs[(s, b)][2]["load_s"] = time.perf_counter() - t
+            log(f"  loaded {s} budget={b} in {time.perf_counter() - t:.1f} s {pairs[(s, b)][2]}")
+        # warm-up: one untimed run per pair on the calibration prompt (page cache, kernels, cache fill)
+        for (s, b), (pair, probe, info) in pairs.items():
+            K = a.draft_max if s in SD_SYSTEMS else 0
+            run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracle if K else None)
+        runs: dict[tuple, list] = {}
+        for rep in range(a.repeats):
+            for acc in [None] + a.acceptances:
+                for s, b, cacc in cs:
+                    if cacc != acc or (s, b) not in pairs:
+                        continue
+                    if time.perf_counter() - T0 > a.time_limit:
+                        timed_out = True
+                        continue
+                    pair, probe, info = pairs[(s, b)]
+                    K = a.draft_max if acc is not None else 0
+                    toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None)
+                    m["matches_reference"] = toks == conts[rep]
+                    runs.setdefault((s, b, acc), []).append(m)
+        for (s, b, acc), rs in runs.items():
+            info = pairs[(s, b)][2]
+            r = {"system": s, "budget": info["budget"] if info["budget"] is not None else b,
+                 "budget_actual": info.get("budget_actual"), "acceptance_target": acc,
+                 "routing": "model", "drafter": DRAFTER_LABEL if acc is not None else None,
+                 "draft_max": a.draft_max if acc is not None else 0, **aggregate(rs), "config": info}
+            if r["hit_rate"] is None:                  # no cache: the share of routed entries whose experts sit on the GPU
+                r["hit_rate"] = float(r["budget_actual"] or 0.0)
+            if s == "llama_ar_gpu":
+                gpu_pass = r["breakdown"]["target_decode_s"] / max(r["passes"], 1)
+            doc["results"].append(r)
+            log(f"  {s:16s} b={r['budget']!s:5s} a={acc!s:4s} tps={r['tps']:.2f} passes={r['passes']:.0f} "
+                f"acc={r['acceptance']} hit={r['hit_rate']} match={r['output_matches_reference']}")
+        for pair, _, _ in pairs.values():
+            pair.close()
+        pairs.clear()
+        save()
+
+    # 3. rooflines (after all phases: the all-GPU pass time comes from the reference phase)
+    if gpu_pass is None:
+        from spac_gguf.hardware import load_profile
+        gpu_pass, basis = load_profile(a.hw).gpu_pass_s, f"hardware profile {a.hw} gpu_pass_s"
+    else:
+        basis = "measured: llama_ar_gpu target decode time per pass (1 row)"
+    for r in doc["results"]:
+        r["roofline"] = roofline(r, lay, bw, gpu_pass, basis)
+    doc["timed_out"] = timed_out
+    doc["wall_s"] = time.perf_counter() - T0
+    save()
+    if calib_path:
+        with contextlib.suppress(OSError):
+            os.unlink(calib_path)
+    log(f"wrote {out_path} ({doc['wall_s']:.0f} s)")
+    print(out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

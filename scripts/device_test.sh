@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the GPU machine (no network): build the CUDA variant of our patched llama.cpp and run the GPU
+# tests. Prepare here first:
+#   python scripts/pack_llama_src.py                 # .dev/llama-src.tar.xz (patched, trimmed)
+#   python scripts/build_llama.py --no-install       # the cpu wheel: its Python package is reused
+#   cp ~/.cache/spac-gguf/wheels/<key>/*.whl .whl/   # plus the Python deps as wheels (README of device)
+# then run with .dev and .whl carried:  bash scripts/device_test.sh [pytest args]
+set -euo pipefail
+ROOT=$(pwd)
+DEV=$ROOT/.dev/cuda
+SITE=/tmp/site
+mkdir -p "$DEV"
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$ROOT"/.whl/*.whl
+export PYTHONPATH=$SITE:$ROOT
+# tokenizer vocab files for the test models (normally extracted from the sdist, absent here)
+mkdir -p "$HOME/.cache/spac-gguf/vocab/0.3.36" && cp -n "$ROOT"/.dev/vocab/*.gguf "$HOME/.cache/spac-gguf/vocab/0.3.36/" 2>/dev/null || true
+if [ ! -f "$DEV/lib/libllama.so" ]; then
+    t0=$(date +%s)
+    rm -rf "$DEV/src" && mkdir -p "$DEV/src" && tar -xJf "$ROOT/.dev/llama-src.tar.xz" -C "$DEV/src"
+    cmake -S "$DEV/src/llama.cpp" -B "$DEV/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+        -DGGML_NATIVE=OFF -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" \
+        -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF > "$DEV/cmake.log"
+    cmake --build "$DEV/build" --target llama -j "$(nproc)" > "$DEV/build.log" 2>&1 || { tail -50 "$DEV/build.log"; exit 1; }
+    mkdir -p "$DEV/lib" && cp -P "$DEV"/build/bin/*.so* "$DEV/lib/"
+    echo "cuda build: $(( $(date +%s) - t0 )) s"
+fi
+cp -P "$DEV"/lib/*.so* "$SITE/llama_cpp/lib/"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import llama_cpp, spac_gguf.native as n; print('llama_cpp', llama_cpp.__version__, 'native', n.available())"
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py "$@"
+fi

