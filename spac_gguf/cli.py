@@ -70,8 +70,8 @@ def _build_demo_with_progress():
     with Progress(transient=True, console=__import__("rich.console").console.Console(stderr=True)) as prog:
         task = prog.add_task("building the demo pair", total=1.0)
 
-        def cb(frac: float, what: str = ""):
-            prog.update(task, completed=frac, description=f"building the demo pair: {what}")
+        def cb(stage: str, done: float, total: float):
+            prog.update(task, completed=(done / total) if total else 0.0, description=f"demo pair: {stage}")
         return demo.build_demo_pair(progress=cb)
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,9 @@ class ModelPair:
         self.is_moe = bool(self.layout.moe_layers)
         if experts_on_cpu is None:
             experts_on_cpu = n_gpu_layers != 0
+        if n_threads is None and (policy != "none" or cache_slots or budget):
+            # the cache's copy worker needs a core: an oversubscribed OpenMP barrier stalls every decode
+            n_threads = max(1, (os.cpu_count() or 2) - 1)
         self.target = LlamaModel(target, Placement(n_gpu_layers, experts_on_cpu and self.is_moe))
         self.draft = LlamaModel(draft, Placement(n_gpu_layers)) if draft else None
         if self.draft is not None:
