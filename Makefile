@@ -20,7 +20,7 @@ build-llama: $(STAMP)
 	$(VPY) scripts/build_llama.py --variant $(VARIANT)
 
 run: setup
-	$(VENV)/bin/spac-gguf run -p "Write a short poem about the sea." -n 64
+	$(VENV)/bin/spac-gguf run -n 64 -p "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
 
 test: setup
 	$(VPY) -m pytest -q

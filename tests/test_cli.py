@@ -113,3 +113,20 @@ def test_lru_cache_is_lossless_and_hits(qwen):
 def test_cache_bad_args(qwen):
     assert_clean_error(cli("run", str(qwen[0]), "--policy", "lru", "--cache-slots", "99", "-n", "2"), "cache-slots")
     assert_clean_error(cli("run", str(qwen[0]), "--policy", "static", "--cache-slots", "2", "-n", "2"), "calibration")
+
+
+@pytest.mark.skipif(not native.available(), reason="needs our patched llama.cpp build")
+def test_every_policy_is_lossless(qwen, tmp_path):
+    """static (calibrated on a recorded trace), lfu and spac: same tokens as no cache."""
+    base = ["run", str(qwen[0]), "-md", str(qwen[1]), "-p", "def main():", "-n", "24", "--draft-max", "4",
+            "-t", str(n_test_threads()), "--json"]
+    calib = tmp_path / "calib.npz"
+    plain = json.loads(cli(*base, "--trace", str(calib)).stdout)
+    assert calib.exists()
+    for extra in (["--policy", "static", "--calibration", str(calib)], ["--policy", "lfu"],
+                  ["--policy", "spac", "--hw", "laptop-pcie4x8"]):
+        r = cli(*base, *extra, "--budget", "50%")
+        assert r.returncode == 0, (extra, r.stderr)
+        out = json.loads(r.stdout)
+        assert out["tokens"] == plain["tokens"], extra
+        assert out["cache"]["policy"] == extra[1] and out["cache"]["slots_per_layer"] == 4

@@ -15,7 +15,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
 
-from spac_gguf import demo  # noqa: E402
+from spac_gguf import demo, native  # noqa: E402
+from spac_gguf.pair import load  # noqa: E402
 
 PROMPTS = [
     "The history of the Python programming language begins in",
@@ -175,3 +176,21 @@ def test_spec_acceptance_replay():
     assert demo.spec_acceptance([False] * 10, 4) == 0.0
     # rounds: [T,T,F] -> 2 of 3 proposed... with k=4: [T,T,F,T] accepts 2 of 4, restarts after the miss
     assert demo.spec_acceptance([True, True, False, True, True, True, True, True], 4) == pytest.approx(6 / 8)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs our patched llama.cpp build")
+def test_demo_pair_with_expert_cache_is_lossless(pair):
+    """Every layer of the shipped demo target is cacheable (k folded into down, no scale tensor),
+    and speculative decoding with an LRU cache emits the same tokens as without it."""
+    target, draft = pair
+    prompt = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
+    plain = load(target, draft, n_ctx=256, n_threads=2)
+    ref = [t.token for t in plain.generate(prompt, max_tokens=24, draft_max=4, stop_at_eog=False)]
+    plain.close()
+    cached = load(target, draft, n_ctx=256, n_threads=2, policy="lru", cache_slots=8)
+    assert cached.cache.cached_layers.all()
+    out = [t.token for t in cached.generate(prompt, max_tokens=24, draft_max=4, stop_at_eog=False)]
+    st = cached.cache_stats()
+    cached.close()
+    assert out == ref
+    assert st["hits"] > 0
