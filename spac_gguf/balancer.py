@@ -130,8 +130,9 @@ class Balancer:
         """(c, g, k) in milliseconds per (layer, expert) for demand d."""
         hw, ms = self.hw, 1e3
         q = 1.0 - np.exp(-d)
-        c = ms * (q * self.B / (hw.cpu_expert_gbps * 1e9) + d * hw.cpu_s_per_expert_token)
-        g = ms * d * hw.gpu_s_per_expert_token
+        r = hw.row_scale(self.B)
+        c = ms * (q * self.B / (hw.cpu_expert_gbps * 1e9) + d * hw.cpu_s_per_expert_token * r)
+        g = ms * d * hw.gpu_s_per_expert_token * r
         k = ms * (q * self.B / (hw.link_gbps * 1e9)) + g
         return c, g, k
 

@@ -50,6 +50,23 @@ def _guarded(fn):
     return wrapper
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
+
+
+def unescape(text: str) -> str:
+    """llama.cpp's prompt escapes (-e, on by default there): \\n, \\t, \\r, \\\\, \\', \\"."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 def _resolve_models(target: Optional[Path], draft: Optional[Path], pair: Optional[str]):
     """TARGET/DRAFT from flags, else the named (or default) pair from models.toml."""
     from .registry import pair_spec
@@ -99,6 +116,7 @@ def run(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="trace for --policy static"),
     slots_on_host: bool = typer.Option(False, "--slots-on-host", help="keep cache slots in host memory"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end"),
+    escape: bool = typer.Option(True, "--escape/--no-escape", "-e", help="process \\n, \\t, ... in the prompt"),
 ):
     """Generate text from TARGET, speculatively when a draft is given."""
     from .pair import load
@@ -110,6 +128,8 @@ def run(
     if ctx < 16:
         raise UsageError(f"-c must be >= 16 (got {ctx})")
     target = target or model
+    if escape:
+        prompt = unescape(prompt)
     tpath, dpath, spec = _resolve_models(target, draft, pair)
     K = draft_max if draft_max is not None else (spec.draft_max if spec else 4)
     if cache_slots is not None and budget is not None:

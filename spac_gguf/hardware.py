@@ -19,15 +19,25 @@ import numpy as np
 MODELS_TOML = Path(__file__).resolve().parent.parent / "models.toml"
 
 
+# one Qwen3-30B-A3B expert in Q4_K (gate + up + down, 2048 x 768): the unit of the per-row costs
+REF_EXPERT_BYTES = 2_654_208
+
+
 @dataclass(frozen=True)
 class HardwareProfile:
     name: str
     link_gbps: float | None                 # host→GPU copies from pinned memory, GB/s (1e9 B/s)
     cpu_expert_gbps: float                  # expert bytes per second the CPU expert path streams
-    cpu_s_per_expert_token: float           # CPU compute per (expert, row) beyond streaming its bytes
-    gpu_s_per_expert_token: float | None    # GPU compute per (expert, row) for an expert in a slot
+    cpu_s_per_expert_token: float           # CPU compute per (expert, row) beyond streaming its bytes *
+    gpu_s_per_expert_token: float | None    # GPU compute per (expert, row) for an expert in a slot *
+    # * for a reference expert of REF_EXPERT_BYTES; per-row costs scale with the expert's bytes
+    #   (its FLOPs), so the same profile prices a 66 KB SmolLM2 expert and a 2.65 MB Qwen3 one
     gpu_pass_s: float | None                # dense work of one verify pass on the GPU (attention, router, head)
     draft_s_per_token: float | None         # one draft token
+
+    def row_scale(self, expert_bytes: int) -> float:
+        """Factor on the per-row costs for experts of `expert_bytes`."""
+        return float(expert_bytes) / REF_EXPERT_BYTES
 
     def missing(self) -> list[str]:
         """Fields still unknown (None): a calibrated profile without a GPU leaves the GPU ones open."""
@@ -59,11 +69,11 @@ class HardwareProfile:
 # all experts on GPU ≈ 9 ms (pp6 665 t/s) of which ≈ 5 ms dense, the rest over 6×48×8 expert-rows.
 BUILTIN: dict[str, HardwareProfile] = {p.name: p for p in (
     HardwareProfile("laptop-pcie4x8", link_gbps=13.0, cpu_expert_gbps=25.0, cpu_s_per_expert_token=2e-6,
-                    gpu_s_per_expert_token=4e-6, gpu_pass_s=0.012, draft_s_per_token=0.004),
+                    gpu_s_per_expert_token=1e-6, gpu_pass_s=0.012, draft_s_per_token=0.004),
     HardwareProfile("desktop-pcie4x16", link_gbps=25.0, cpu_expert_gbps=35.0, cpu_s_per_expert_token=1.5e-6,
-                    gpu_s_per_expert_token=2.5e-6, gpu_pass_s=0.008, draft_s_per_token=0.003),
+                    gpu_s_per_expert_token=5e-7, gpu_pass_s=0.008, draft_s_per_token=0.003),
     HardwareProfile("h100-pcie5", link_gbps=51.0, cpu_expert_gbps=41.0, cpu_s_per_expert_token=1e-6,
-                    gpu_s_per_expert_token=1.4e-6, gpu_pass_s=0.005, draft_s_per_token=0.002),
+                    gpu_s_per_expert_token=2e-7, gpu_pass_s=0.005, draft_s_per_token=0.002),
 )}
 
 

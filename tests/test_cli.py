@@ -130,3 +130,10 @@ def test_every_policy_is_lossless(qwen, tmp_path):
         out = json.loads(r.stdout)
         assert out["tokens"] == plain["tokens"], extra
         assert out["cache"]["policy"] == extra[1] and out["cache"]["slots_per_layer"] == 4
+
+
+def test_prompt_escapes_like_llama_cpp():
+    from spac_gguf.cli import unescape
+    assert unescape(r"a\nb\tc") == "a\nb\tc"
+    assert unescape(r"keep \\n and \x") == "keep \\n and \\x"
+    assert unescape("plain é") == "plain é"

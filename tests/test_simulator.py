@@ -3,7 +3,7 @@ import pytest
 
 from _synthetic import synthetic_trace
 from spac_gguf.balancer import InfeasibleBudget
-from spac_gguf.hardware import HardwareProfile, load_profile
+from spac_gguf.hardware import REF_EXPERT_BYTES, HardwareProfile, load_profile
 from spac_gguf.policies import LRUPolicy
 from spac_gguf.simulator import format_table, simulate, slots_per_layer, verify_time
 
@@ -63,15 +63,18 @@ def test_budget_as_share_or_size(trace):
 
 
 def test_verify_time_by_hand():
-    hw = HardwareProfile("h", link_gbps=1.0, cpu_expert_gbps=2.0, cpu_s_per_expert_token=0.1,
+    B = REF_EXPERT_BYTES                                        # per-row costs are given for this size
+    hw = HardwareProfile("h", link_gbps=B / 1e9, cpu_expert_gbps=2 * B / 1e9, cpu_s_per_expert_token=0.1,
                          gpu_s_per_expert_token=0.01, gpu_pass_s=0.5, draft_s_per_token=0.0)
     ids = np.array([[[0, 1]], [[0, 2]]], np.int32)             # 1 layer: expert 0 twice, 1 and 2 once
     cached = np.array([[True, False, False]])
-    # CPU: experts 1, 2: 2 × (1e9 B / 2e9 B/s + 0.1) = 1.2; GPU: 0.5 + 2 × 0.01 = 0.52
-    assert verify_time(ids, cached, hw, 10**9, split=False) == pytest.approx(1.2)
+    # CPU: experts 1, 2: 2 × (B / 2B B/s + 0.1) = 1.2; GPU: 0.5 + 2 × 0.01 = 0.52
+    assert verify_time(ids, cached, hw, B, split=False) == pytest.approx(1.2)
+    # per-row costs scale with expert size: half-size experts halve them (and the streaming)
+    assert verify_time(ids, cached, hw, B // 2, split=False) == pytest.approx(0.6)
     # split: moving expert 1 (CPU 0.6, link 1.01) gives max(0.6, 1.53) — worse; a fraction f of one
     # expert balances 1.2 − 0.6 f = 0.52 + 1.01 f → f = 0.68 / 1.61
-    assert verify_time(ids, cached, hw, 10**9, split=True) == pytest.approx(1.2 - 0.6 * 0.68 / 1.61)
+    assert verify_time(ids, cached, hw, B, split=True) == pytest.approx(1.2 - 0.6 * 0.68 / 1.61)
 
 
 def test_profiles_from_toml_and_calibrate(tmp_path, monkeypatch):
