@@ -56,10 +56,10 @@ if not hasattr(llama_cpp, "_lib"):      # spac_gguf/native.py reads llama_cpp._l
     llama_cpp._lib = _llc._lib
 
 from spac_gguf import gguf_layout, llama_backend, native  # noqa: E402
+from spac_gguf.hardware import measure_cpu_stream_gbps  # noqa: E402
 from spac_gguf.pair import ModelPair  # noqa: E402
 from spac_gguf.sampling import Sampler  # noqa: E402
 from spac_gguf.speculative import Drafter, generate as spec_generate  # noqa: E402
-from spac_gguf.trace import TraceRecorder  # noqa: E402
 
 AR_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_ar_gpu")
 SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac")
@@ -373,15 +373,7 @@ def measure_bandwidths(mb_per_worker: int = 128, reps: int = 5) -> dict:
     out: dict = {}
     nt = os.cpu_count() or 1
     nbytes = mb_per_worker << 20
-    x = np.ones(nbytes // 4, np.float32)
-    x.sum()
-    best1 = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        x.sum()
-        best1 = min(best1, time.perf_counter() - t)
-    del x
-    out["dram_read_gbps_1thread"] = nbytes / best1 / 1e9
+    out["dram_read_gbps_1thread"] = measure_cpu_stream_gbps(nbytes, reps)
     ctx = mp.get_context("fork")
     barrier, q = ctx.Barrier(nt), ctx.Queue()
     procs = [ctx.Process(target=_dram_worker, args=(nbytes, barrier, q, reps)) for _ in range(nt)]

@@ -125,7 +125,11 @@ def build_wheel(variant: str, cuda_arch: str, jobs: int) -> Path:
         src = unpack_and_patch(sdist, Path(tmp), variant)
         cmake = list(COMMON_CMAKE)
         if variant == "cuda":
-            cmake += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
+            # NCCL off and static-archive symbols hidden: the CUDA runtime's copies of libstdc++
+            # templates, exported from libggml-cuda, otherwise capture libllama's iostream calls
+            # when Python loads it (segfault in llama_model::print_info; see docs/BENCHMARKS.md)
+            cmake += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}", "-DGGML_CUDA_NCCL=OFF",
+                      "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL"]
         env = dict(os.environ)
         env["CMAKE_ARGS"] = " ".join(cmake)
         env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)

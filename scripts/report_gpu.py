@@ -63,7 +63,6 @@ def table(doc) -> str:
 
 
 def ratios(doc) -> str:
-    m = doc.get("method", {})
     res = doc["results"]
     out = []
     budgets = sorted({r["budget"] for r in res if r["system"] in ("sd_lru", "sd_static", "spac")})

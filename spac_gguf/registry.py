@@ -1,6 +1,7 @@
 """Known target/draft pairs and defaults from models.toml; `cache:` paths live in the user cache."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from dataclasses import dataclass
@@ -12,6 +13,14 @@ MODELS_TOML = Path(__file__).resolve().parent.parent / "models.toml"
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "spac-gguf"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def resolve(path: str) -> Path:

@@ -35,6 +35,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 
 from .gguf_layout import read_gguf
+from .registry import cache_dir, sha256_file
 
 GENERATOR_VERSION = 1  # bump whenever the bytes written for the same options change
 ARCHS = ("qwen3moe", "qwen2moe", "llama")
@@ -80,11 +81,6 @@ SPECS = {
     "qwen2moe": ArchSpec("qwen2moe", "qwen2", "ggml-vocab-qwen2.gguf", n_ff_shexp=128, qkv_bias=True),
     "llama": ArchSpec("llama", "llama", "ggml-vocab-llama-spm.gguf", rope_freq_base=10000.0, rms_eps=1e-5),
 }
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "spac-gguf"
 
 
 def _sdist_path() -> Path:
@@ -250,7 +246,7 @@ def _write_target(path: Path, s: ArchSpec, quant: str) -> None:
         b.w.add_expert_shared_count(1)
         b.w.add_expert_shared_feed_forward_length(s.n_ff_shexp)
     _shared_tensors(b, s, n_vocab)
-    e, f, E = s.n_embd, s.n_ff_exp, s.n_expert
+    e, E = s.n_embd, s.n_expert
     for i in range(s.n_layer):
         _attention(b, s, i)
         p = f"blk.{i}."
@@ -331,15 +327,9 @@ def build_pair(out_dir: str | os.PathLike, arch: str, quant: str = "Q8_0") -> tu
 def _same_file(a: Path, b: Path) -> bool:
     if not (a.exists() and b.exists()) or a.stat().st_size != b.stat().st_size:
         return False
-    return _sha256(a) == _sha256(b)
+    return sha256_file(a) == sha256_file(b)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_pair(out_dir: str | os.PathLike | None = None, arch: str = "qwen3moe",

@@ -17,6 +17,7 @@ from gguf.quants import dequantize  # noqa: E402
 
 from spac_gguf import demo, native  # noqa: E402
 from spac_gguf.pair import load  # noqa: E402
+from spac_gguf.registry import sha256_file  # noqa: E402
 
 PROMPTS = [
     "The history of the Python programming language begins in",
@@ -155,7 +156,7 @@ def test_build_is_cached_and_deterministic(pair, tmp_path):
     target, draft = pair
     meta = json.loads((target.parent / demo.META_NAME).read_text())
     assert meta["recipe_key"] == demo.DEMO_RECIPE.key()
-    assert meta["target_sha256"] == demo._sha256(target)
+    assert meta["target_sha256"] == sha256_file(target)
     assert demo.build_demo_pair() == (target, draft)
     assert demo.demo_paths() == (target, draft)
 
