@@ -81,6 +81,7 @@ class UtilityEstimator:
         self.kind, self.beta, self.w_rej = kind, float(beta), float(w_rej)
         self.U = np.zeros((n_layers, n_expert), np.float32)
         self._rows = 1.0
+        warmup()   # at load (a policy is built with the model), never on the first generated token
 
     def update(self, ids: np.ndarray, accepted: int) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int32)

@@ -94,3 +94,16 @@ def test_dense_layers_ignored_and_demand_units():
     assert est.demand()[1, 3] == pytest.approx(10 / 5)
     with pytest.raises(ValueError):
         UtilityEstimator(2, 4, "median")
+
+
+def test_kernels_are_compiled_when_an_estimator_is_built():
+    """JIT happens at load: building the estimator leaves both kernels compiled for the types the
+    engine passes (float32 U, int32 ids)."""
+    from spac_gguf.estimator import UtilityEstimator, update_ema, update_levels
+    UtilityEstimator(3, 5)
+    assert update_ema.signatures and update_levels.signatures
+    U = np.zeros((3, 5), np.float32)
+    ids = np.zeros((4, 3, 2), np.int32)
+    n_before = len(update_ema.signatures)
+    update_ema(U, ids, 2, 0.8, 0.5)
+    assert len(update_ema.signatures) == n_before    # no new compilation for the engine's call
