@@ -94,7 +94,6 @@ def main() -> None:
     cache.publish()
     events = []
     t0 = time.perf_counter()
-    pending = {}
     for il in layers:
         for s in range(4, 12):
             cache.load_async(il, 64 + s, s)
@@ -111,7 +110,6 @@ def main() -> None:
             ctx.rollback(3)
     res["overlap_timeline"] = events
     res["overlap_decodes_during_loads"] = sum(1 for e in events if e[0] == "decode")
-    del pending
     cache = None
     ctx.close()
 

@@ -50,10 +50,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import llama_cpp  # noqa: E402
-import llama_cpp.llama_cpp as _llc  # noqa: E402
-
-if not hasattr(llama_cpp, "_lib"):      # spac_gguf/native.py reads llama_cpp._lib (not re-exported by *)
-    llama_cpp._lib = _llc._lib
 
 from spac_gguf import gguf_layout, llama_backend, native  # noqa: E402
 from spac_gguf.hardware import measure_cpu_stream_gbps  # noqa: E402
@@ -262,18 +258,6 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def cpu_expert_layers(layers: list[int]):
-    """Placement of `--n-cpu-moe`: only these layers' experts go to the CPU buffer type (swaps the
-    module's expert regex while the model loads; see the final note for the proper Placement field)."""
-    old = llama_backend.EXPERT_TENSOR_PATTERN
-    llama_backend.EXPERT_TENSOR_PATTERN = r"^blk\.(" + "|".join(map(str, layers)) + r")\.ffn_(up|down|gate|gate_up)_(ch|)exps"
-    try:
-        yield
-    finally:
-        llama_backend.EXPERT_TENSOR_PATTERN = old
-
-
 def layers_for_budget(budget: float, n_moe: int) -> int:
     return max(1, min(n_moe, int(budget * n_moe + 1e-9)))
 
@@ -327,8 +311,8 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         cpu = lay.moe_layers[:n_moe - n_gpu]
         gpu_layers = set(lay.moe_layers[n_moe - n_gpu:])
         if cpu:
-            with cpu_expert_layers(cpu):
-                pair = ModelPair(a.target, None, experts_on_cpu=True, routing=base_routing, **kw)
+            pair = ModelPair(a.target, None, experts_on_cpu=True, cpu_expert_layers=tuple(cpu),
+                             routing=base_routing, **kw)
         else:
             pair = ModelPair(a.target, None, experts_on_cpu=False, routing=base_routing, **kw)
         info.update(gpu_expert_layers=sorted(gpu_layers), n_cpu_moe=len(cpu), budget_actual=n_gpu / n_moe)

@@ -20,6 +20,13 @@ import llama_cpp as llc
 EXPERT_TENSOR_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 
 
+def expert_pattern(layers=None) -> str:
+    """Regex of routed-expert tensors: of every layer, or only of `layers` (`--n-cpu-moe` style)."""
+    if layers is None:
+        return EXPERT_TENSOR_PATTERN
+    return r"^blk\.(" + "|".join(str(int(il)) for il in layers) + r")" + EXPERT_TENSOR_PATTERN
+
+
 class BackendError(RuntimeError):
     """llama.cpp refused something (a load, a decode); the message says what."""
 
@@ -81,10 +88,12 @@ def ggml() -> ctypes.CDLL:
 
 @dataclass
 class Placement:
-    """Where the weights live. `experts_on_cpu` keeps routed experts in (mmapped) CPU memory."""
+    """Where the weights live. `experts_on_cpu` keeps routed experts in (mmapped) CPU memory: those of
+    every layer, or only of `cpu_expert_layers` when given."""
     n_gpu_layers: int = 0
     experts_on_cpu: bool = False
     use_mmap: bool = True
+    cpu_expert_layers: tuple[int, ...] | None = None
 
 
 class LlamaModel:
@@ -101,7 +110,7 @@ class LlamaModel:
         self._overrides = None
         if self.placement.experts_on_cpu:
             arr = (_BuftOverride * 2)()
-            arr[0].pattern = EXPERT_TENSOR_PATTERN.encode()
+            arr[0].pattern = expert_pattern(self.placement.cpu_expert_layers).encode()
             arr[0].buft = ggml().ggml_backend_cpu_buffer_type()
             arr[1].pattern = None
             arr[1].buft = None

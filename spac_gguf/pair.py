@@ -96,17 +96,20 @@ class ModelPair:
                  experts_on_cpu: bool | None = None, n_ctx: int = 2048, n_threads: int | None = None,
                  routing: str = "auto", policy: str = "none", cache_slots: int | None = None,
                  budget: str | None = None, hw: str | None = None, calibration: str | Path | None = None,
-                 draft_max: int = 4, slots_on_host: bool | None = None):
+                 draft_max: int = 4, slots_on_host: bool | None = None,
+                 cpu_expert_layers: tuple[int, ...] | None = None):
         self.target_path, self.draft_path = str(target), (str(draft) if draft else None)
         self.layout = _describe(target, "target")
         self.draft_layout = _describe(draft, "draft") if draft else None
         self.is_moe = bool(self.layout.moe_layers)
         if experts_on_cpu is None:
             experts_on_cpu = n_gpu_layers != 0
-        if n_threads is None and (policy != "none" or cache_slots or budget):
+        wants_cache = policy != "none" or bool(cache_slots) or bool(budget)
+        if n_threads is None and wants_cache:
             # the cache's copy worker needs a core: an oversubscribed OpenMP barrier stalls every decode
             n_threads = max(1, (os.cpu_count() or 2) - 1)
-        self.target = LlamaModel(target, Placement(n_gpu_layers, experts_on_cpu and self.is_moe))
+        self.target = LlamaModel(target, Placement(n_gpu_layers, experts_on_cpu and self.is_moe,
+                                                   cpu_expert_layers=cpu_expert_layers))
         self.draft = LlamaModel(draft, Placement(n_gpu_layers)) if draft else None
         if self.draft is not None:
             _check_vocab(self.target, self.draft)
@@ -126,7 +129,7 @@ class ModelPair:
             self.routing = native.NativeRouting(self.target_ctx.ptr, self.target.n_layer, self.layout.n_expert_used)
         self.draft_ctx = LlamaContext(self.draft, n_ctx=n_ctx, n_threads=n_threads) if self.draft else None
         self.cache, self.engine, self.policy_name = None, None, policy
-        if policy != "none" or cache_slots or budget:
+        if wants_cache:
             self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max,
                                slots_on_host if slots_on_host is not None else n_gpu_layers == 0)
         self.verifier = TargetVerifier(self.target_ctx, self.routing, self.engine)

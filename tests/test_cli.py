@@ -137,3 +137,15 @@ def test_prompt_escapes_like_llama_cpp():
     assert unescape(r"a\nb\tc") == "a\nb\tc"
     assert unescape(r"keep \\n and \x") == "keep \\n and \\x"
     assert unescape("plain é") == "plain é"
+
+
+def test_expert_pattern_selects_layers():
+    """`--n-cpu-moe`-style placement: the override regex names only the given layers' experts."""
+    import re
+    from spac_gguf.llama_backend import expert_pattern
+    names = [f"blk.{i}.ffn_{p}_exps.weight" for i in (0, 1, 2, 12) for p in ("up", "gate", "down")]
+    names += ["blk.1.ffn_up.weight", "blk.1.ffn_gate_inp.weight", "blk.1.attn_q.weight"]
+    every = [n for n in names if re.search(expert_pattern(), n)]
+    assert len(every) == 12
+    some = [n for n in names if re.search(expert_pattern((1, 2)), n)]
+    assert sorted(some) == sorted(f"blk.{i}.ffn_{p}_exps.weight" for i in (1, 2) for p in ("up", "gate", "down"))
