@@ -23,7 +23,7 @@ from spac_gguf.trace import RoutingTrace  # noqa: E402
 
 PROMPTS = ["def quicksort(items):\n", "The old lighthouse keeper walked down to the shore and",
            "<|im_start|>user\nHow do I make a good cup of tea?<|im_end|>\n<|im_start|>assistant\n"]
-POLICIES = ["none", "static", "lru", "lfu", "spac", "oracle"]
+POLICIES = ["none", "static", "lru", "lfu", "spac", "oracle_budgeted", "belady"]
 BUDGETS = ["10%", "25%", "50%"]
 HW = ["laptop-pcie4x8", "desktop-pcie4x16", "h100-pcie5"]
 

@@ -192,27 +192,40 @@ def inspect(model: Path = typer.Argument(..., help="a GGUF file"),
 @app.command()
 @_guarded
 def simulate(
-    trace: Path = typer.Argument(..., help="routing trace (.npz) from `spac-gguf run --trace`"),
+    trace: Optional[Path] = typer.Argument(None, help="routing trace (.npz) from `spac-gguf run --trace`"),
+    routing: Optional[str] = typer.Option(None, "--routing",
+                                          help="generate the trace instead: random, qwen3-calibrated, high-skew"),
+    seed: int = typer.Option(0, "--seed", help="seed of the --routing trace"),
     budget: Optional[str] = typer.Option(None, "--budget", help="2GiB, 512MB or 25% of expert bytes"),
     cache_slots: Optional[int] = typer.Option(None, "--cache-slots"),
     hw: str = typer.Option("desktop-pcie4x16", "--hw", help="hardware profile"),
-    policy: str = typer.Option("none,static,lru,lfu,oracle,spac", "--policy", help="P[,P...]"),
+    policy: str = typer.Option("none,static,lru,lfu,oracle_budgeted,belady,spac", "--policy", help="P[,P...]"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="trace for static (default: first 20%)"),
     split: bool = typer.Option(False, "--split", help="uncached experts may also be copied at verify time"),
+    lookahead: bool = typer.Option(False, "--lookahead", help="also report top-S precision/recall per ranker"),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Replay a routing trace through each policy's decision code with a cost model."""
+    """Replay a routing trace (a file, or one generated with --routing) through each policy's
+    decision code with a cost model."""
     from .hardware import load_profile
     from .simulator import format_table, simulate as run_sim
     from .trace import RoutingTrace
     if (budget is None) == (cache_slots is None):
         raise UsageError("give exactly one of --budget or --cache-slots")
-    if not trace.is_file():
-        raise UsageError(f"trace not found: {trace}")
-    tr = RoutingTrace.load(trace)
+    if (trace is None) == (routing is None):
+        raise UsageError("give a trace file or --routing PRESET, not both or neither")
+    if routing is not None:
+        from .locality import PRESETS, generate
+        if routing not in PRESETS:
+            raise UsageError(f"unknown --routing preset {routing!r}; known: {', '.join(PRESETS)}")
+        tr = generate(routing, seed=seed)
+    else:
+        if not trace.is_file():
+            raise UsageError(f"trace not found: {trace}")
+        tr = RoutingTrace.load(trace)
     cal = RoutingTrace.load(calibration) if calibration else None
     res = run_sim(tr, policy.split(","), budget=budget, cache_slots=cache_slots, hw=load_profile(hw),
-                  calibration=cal, split=split)
+                  calibration=cal, split=split, with_lookahead=lookahead)
     print(json.dumps(res) if as_json else format_table(res))
 
 

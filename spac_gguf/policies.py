@@ -102,8 +102,10 @@ class LFUPolicy(Policy):
 
 
 class OraclePolicy(Policy):
-    """Belady with the future trace (simulator only): keep the experts whose next use is soonest."""
-    name = "oracle"
+    """Belady under the per-round load budget (simulator only): rank by the next use in the future
+    trace, score 1/(1 + passes to next use). It loads only what the link moves during one draft,
+    so it is not an upper bound: on real routing LRU can beat it. The bound is `belady`."""
+    name = "oracle_budgeted"
 
     def __init__(self, n_layers, n_expert, expert_bytes, trace: RoutingTrace):
         super().__init__(n_layers, n_expert, expert_bytes)
@@ -121,6 +123,26 @@ class OraclePolicy(Policy):
 
     def score(self):
         return 1.0 / (1.0 + self.nxt - self.p)
+
+
+class BeladyPolicy(OraclePolicy):
+    """Belady's MIN with an unlimited link (simulator only): before each pass every layer holds the
+    S experts the coming pass routes most rows to (then those whose next use is soonest). The
+    simulator runs it with loads that cost nothing and finish at once (`unlimited_link`), so no
+    policy, whatever it loads, hits more often: a pass can hit at most its S most-routed experts."""
+    name = "belady"
+    unlimited_link = True
+
+    def __init__(self, n_layers, n_expert, expert_bytes, trace: RoutingTrace):
+        super().__init__(n_layers, n_expert, expert_bytes, trace)
+        self.rows = [_used(trace.pass_rows(p), n_expert) for p in range(trace.n_passes)]
+
+    def score(self):
+        soon = 1.0 / (2.0 + self.nxt - self.p)                # ≤ 1/2: used later than the coming pass
+        if self.p >= len(self.rows):
+            return soon
+        n = self.rows[self.p]
+        return np.where(n > 0, 1.0 + n, soon)
 
 
 class SpacPolicy(Policy):
@@ -144,12 +166,16 @@ class SpacPolicy(Policy):
         return self.balancer.solve(self.estimator.demand(), resident, load_budget_bytes).loads
 
 
-NAMES = ("none", "static", "lru", "lfu", "oracle", "spac")
+NAMES = ("none", "static", "lru", "lfu", "oracle", "spac")          # "oracle": old name of oracle_budgeted
+SIM_NAMES = ("none", "static", "lru", "lfu", "oracle_budgeted", "belady", "spac")   # the simulator's
+ALIASES = {"oracle": "oracle_budgeted"}
 
 
 def make_policy(name: str, n_layers: int, n_expert: int, expert_bytes: int, *, hw: HardwareProfile | None = None,
                 calibration: RoutingTrace | None = None, future: RoutingTrace | None = None, **spac_kw) -> Policy:
-    """A policy by name; static needs `calibration`, oracle the `future` trace, spac `hw`."""
+    """A policy by name; static needs `calibration`, oracle_budgeted and belady the `future` trace
+    (simulator only), spac `hw`. "oracle" is an alias of oracle_budgeted."""
+    name = ALIASES.get(name, name)
     if name == "none":
         return NonePolicy(n_layers, n_expert, expert_bytes)
     if name == "static":
@@ -160,12 +186,13 @@ def make_policy(name: str, n_layers: int, n_expert: int, expert_bytes: int, *, h
         return LRUPolicy(n_layers, n_expert, expert_bytes)
     if name == "lfu":
         return LFUPolicy(n_layers, n_expert, expert_bytes)
-    if name == "oracle":
+    if name in ("oracle_budgeted", "belady"):
         if future is None:
-            raise ValueError("oracle needs the future trace: simulator only")
-        return OraclePolicy(n_layers, n_expert, expert_bytes, future)
+            raise ValueError(f"{name} needs the future trace: simulator only")
+        cls = BeladyPolicy if name == "belady" else OraclePolicy
+        return cls(n_layers, n_expert, expert_bytes, future)
     if name == "spac":
         if hw is None:
             raise ValueError("spac needs a hardware profile")
         return SpacPolicy(n_layers, n_expert, expert_bytes, hw, **spac_kw)
-    raise ValueError(f"unknown policy {name!r}; known: {', '.join(NAMES)}")
+    raise ValueError(f"unknown policy {name!r}; known: {', '.join(SIM_NAMES)}")
