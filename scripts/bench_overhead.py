@@ -45,11 +45,12 @@ class DecodeTimer:
 
 def controller_overhead(target, draft, threads: int, n: int = 64, K: int = 4) -> dict:
     p = load(target, draft, n_ctx=512, n_threads=threads)
-    list(p.generate("Warm up.", max_tokens=8, draft_max=K))
+    list(p.generate("Warm up.", max_tokens=8, draft_max=K, adaptive=False))
     tt, dt = DecodeTimer(p.target_ctx), DecodeTimer(p.draft_ctx)
     t0 = time.perf_counter()
     last = None
-    for last in p.generate("The history of the city begins in", max_tokens=n, draft_max=K, stop_at_eog=False):
+    for last in p.generate("The history of the city begins in", max_tokens=n, draft_max=K, adaptive=False,
+                           stop_at_eog=False):
         pass
     wall = time.perf_counter() - t0 - last.stats.t_prefill
     st = last.stats

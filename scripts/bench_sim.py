@@ -34,7 +34,7 @@ def record(name: str, target, draft, tokens: int, threads: int) -> RoutingTrace:
     if path.exists():
         return RoutingTrace.load(path)
     p = load(target, draft, n_ctx=1024, n_threads=threads)
-    parts = [p.record_trace(pr, max_tokens=tokens, draft_max=4, stop_at_eog=False)[1] for pr in PROMPTS]
+    parts = [p.record_trace(pr, max_tokens=tokens, draft_max=4, adaptive=False, stop_at_eog=False)[1] for pr in PROMPTS]
     p.close()
     import numpy as np
     ids = np.concatenate([t.ids for t in parts])

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from . import gguf_layout, native
+from .draft_length import DraftLength
 from .llama_backend import LlamaContext, LlamaModel, Placement
 from .routing import EvalCallbackRouting, RoutingSource
 from .sampling import Sampler
@@ -133,6 +134,8 @@ class ModelPair:
             self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max,
                                slots_on_host if slots_on_host is not None else n_gpu_layers == 0)
         self.verifier = TargetVerifier(self.target_ctx, self.routing, self.engine)
+        # K per round; its cost and acceptance estimates outlive one generate() (same machine, same pair)
+        self.draft_length = DraftLength() if self.draft is not None else None
         self.last_stats: Stats | None = None
 
     def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool):
@@ -194,9 +197,12 @@ class ModelPair:
         return self.target.tokenize(prompt, add_special=True, parse_special=True)
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, draft_max: int = 4,
+                 top_p: float = 1.0, seed: int | None = None, draft_max: int = 4, adaptive: bool = True,
                  recorder: TraceRecorder | None = None, stop_at_eog: bool = True) -> Iterator[Token]:
-        """Generate up to `max_tokens` after `prompt`, yielding one Token at a time."""
+        """Generate up to `max_tokens` after `prompt`, yielding one Token at a time.
+
+        With a draft, K is chosen each round in 0..draft_max for speed (`adaptive`, draft_length.py);
+        `adaptive=False` drafts draft_max every round."""
         if max_tokens < 1:
             raise InputError("max_tokens (-n) must be >= 1")
         if draft_max < 0:
@@ -217,7 +223,8 @@ class ModelPair:
         eog = self.target.is_eog if stop_at_eog else (lambda t: False)
         try:
             for step in speculative_generate(self.verifier, drafter, tokens, max_tokens=max_tokens,
-                                             draft_max=draft_max, sampler=sampler, is_eog=eog):
+                                             draft_max=draft_max, sampler=sampler, is_eog=eog,
+                                             draft_length=self.draft_length if adaptive else None):
                 self.last_stats = step.stats
                 text = "" if self.target.is_eog(step.token) else decoder.decode(self.target.token_bytes(step.token))
                 yield Token(step.token, text, step.from_draft, step.stats, step.routing)

@@ -8,7 +8,8 @@ One round (the algorithm, with the names of Leviathan et al. / gpt-fast):
      at the first rejection emit argmax p_i (greedy) or a draw from norm(max(p_i - q_i, 0));
      with all K accepted, emit a bonus token from p_K;
   4. both KV caches forget the rejected positions.
-K = 0 (or no draft) is plain decoding: one row per target pass.
+K = 0 (or no draft) is plain decoding: one row per target pass. K is draft_max (capped by the tokens
+and context left) unless a `DraftLength` controller picks it per round (draft_length.py).
 The target's routing of the K+1 rows (step 2) goes to the engine and the trace after step 3.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from .draft_length import DraftLength
 from .llama_backend import LlamaContext
 from .sampling import Sampler
 
@@ -48,6 +50,7 @@ class Stats:
     t_draft: float = 0.0
     t_verify: float = 0.0
     t_last: float = 0.0
+    k_counts: dict[int, int] = field(default_factory=dict)   # K drafted -> rounds
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -65,6 +68,7 @@ class Stats:
             "n_target_passes": self.n_target_passes, "n_drafted": self.n_drafted,
             "n_draft_accepted": self.n_draft_accepted, "acceptance_rate": self.acceptance_rate,
             "tokens_per_second": self.tokens_per_second,
+            "k_histogram": dict(sorted(self.k_counts.items())),
             "time": {"prefill_s": self.t_prefill, "draft_s": self.t_draft, "verify_s": self.t_verify,
                      "total_s": self.t_last - self.t_start},
         }
@@ -130,10 +134,14 @@ def prefill(target: Verifier, drafter: Drafter | None, prompt: list[int]) -> Non
 
 
 def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, max_tokens: int,
-             draft_max: int, sampler: Sampler, is_eog=lambda t: False) -> Iterator[Step]:
-    """Speculative decoding; yields each emitted token with running stats."""
+             draft_max: int, sampler: Sampler, is_eog=lambda t: False,
+             draft_length: DraftLength | None = None) -> Iterator[Step]:
+    """Speculative decoding; yields each emitted token with running stats.
+
+    `draft_length` picks K per round within the bound; None keeps K fixed at `draft_max`."""
     if not prompt:
         raise ValueError("empty prompt")
+    draft_length = draft_length or DraftLength(adaptive=False)
     stats = Stats(n_prompt=len(prompt))
     t0 = time.perf_counter()
     prefill(target, drafter, prompt)
@@ -144,7 +152,7 @@ def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, ma
         room = n_ctx - len(tokens) - 1
         if room < 0:
             return
-        K = min(draft_max, max_tokens - stats.n_generated - 1, room) if drafter else 0
+        K = draft_length.choose(min(draft_max, max_tokens - stats.n_generated - 1, room) if drafter else 0)
         t1 = time.perf_counter()
         drafts, qs = drafter.propose(tokens, K, sampler) if K > 0 else ([], [])
         t2 = time.perf_counter()
@@ -157,6 +165,8 @@ def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, ma
         if drafter is not None:
             drafter.keep(L + a)
         t3 = time.perf_counter()
+        draft_length.observe(K, a, t2 - t1, t3 - t2)
+        stats.k_counts[K] = stats.k_counts.get(K, 0) + 1
         stats.t_draft += t2 - t1
         stats.t_verify += t3 - t2
         stats.n_target_passes += 1

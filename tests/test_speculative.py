@@ -24,7 +24,9 @@ def loaded(pair_files, threads):
 
 
 def _tokens(p, prompt, K, **kw):
-    return [t.token for t in p.generate(prompt, max_tokens=N_TOKENS, draft_max=K, stop_at_eog=False, **kw)]
+    """Exactly K drafts per round (adaptive K is tested in test_draft_length.py)."""
+    return [t.token for t in p.generate(prompt, max_tokens=N_TOKENS, draft_max=K, adaptive=False,
+                                        stop_at_eog=False, **kw)]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,7 @@ def test_sampling_first_token_distribution_matches_target(pair_files, threads):
     counts = np.zeros(len(top) + 1)
     n = 300
     for seed in range(n):
-        gen = p.generate(toks, max_tokens=8, draft_max=3, temperature=temp, seed=seed)
+        gen = p.generate(toks, max_tokens=8, draft_max=3, adaptive=False, temperature=temp, seed=seed)
         first = next(iter(gen)).token
         gen.close()
         hit = np.nonzero(top == first)[0]

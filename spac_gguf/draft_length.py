@@ -1,0 +1,171 @@
+"""How many tokens to draft this round: K chosen online to maximise expected tokens per second.
+
+A fixed K wastes time both ways: when the draft is often wrong, later drafts are rarely examined
+and each still costs a draft decode and a verify row; when verify rows are expensive (an MoE
+target whose extra rows route to experts streamed from the CPU), one more row can cost more than
+the token it is expected to add. K = 0 is plain decoding, and sometimes the fastest.
+
+Per round, with alpha_i the probability that draft i is accepted given drafts 0..i-1 were,
+t_d the draft time per proposed token and t_v(rows) the verify pass time:
+
+    E[tokens](K) = 1 + sum_{j=1..K} prod_{i<j} alpha_i        (accepted drafts + the target's token)
+    T(K)         = K * t_d + t_v(K + 1)                        (K = 0: t_v(1), no draft)
+    K*           = argmax_{0 <= K <= limit} E[tokens](K) / T(K)
+
+Everything on the right is measured by the loop itself (its draft and verify timers, and how many
+drafts each pass accepted), so the choice follows the machine, the cache's state and the text.
+Estimates are running means that turn into exponential averages once warm, so they track drift
+(a warming expert cache makes verify rows cheaper) and start from priors that speculate.
+Now and then a round probes K*+1, K*-1 or the largest allowed K, in turn: without probes, a K that
+once looked bad (K = 0 above all, which observes no acceptance at all; or a K measured once while the
+machine was busy) would never be re-measured. Probes are at least `explore_every` rounds apart, and
+further when they are dear: after a probe expected to take x times a K* round, the next waits
+(x - 1) / explore_share rounds, so probing costs about `explore_share` of the time at most (a probe
+to K = 8 with a draft as slow as the target is rare).
+
+`DraftLength(adaptive=False)` is today's fixed K: min(draft_max, tokens still wanted, context room).
+"""
+from __future__ import annotations
+
+import math
+
+
+class _Mean:
+    """Running mean with `prior` worth `n0` observations, exponential (weight >= floor) once warm."""
+
+    def __init__(self, prior: float = 0.0, n0: float = 0.0, floor: float = 0.05):
+        self.value, self.n, self.n0, self.floor = prior, 0, n0, floor
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        w = max(1.0 / (self.n + self.n0), self.floor)
+        self.value += w * (x - self.value)
+
+
+class DraftLength:
+    """Chooses K each round (`choose`) and learns from the round's outcome (`observe`)."""
+
+    def __init__(self, adaptive: bool = True, *, prior_alpha: float = 0.7, prior_strength: float = 2.0,
+                 alpha_floor: float = 0.03, time_floor: float = 0.1, prior_row_cost: float = 0.1,
+                 explore_every: int = 16, explore_share: float = 0.05):
+        self.adaptive = adaptive
+        self.prior_alpha, self.prior_strength, self.alpha_floor = prior_alpha, prior_strength, alpha_floor
+        self.time_floor = time_floor
+        self.prior_row_cost = prior_row_cost     # extra verify row / one-row pass, until two row counts are seen
+        self.explore_every, self.explore_share = explore_every, explore_share
+        self._alpha: list[_Mean] = []            # per draft position
+        self._verify: dict[int, _Mean] = {}      # per row count
+        self._draft = _Mean(floor=time_floor)    # seconds per proposed token
+        self._rounds = 0                         # rounds that could draft (limit > 0)
+        self._probes, self._next_probe = -1, explore_every
+        self.probing = False                     # whether the last choice was a probe
+        self.counts: dict[int, int] = {}         # chosen K -> rounds, over this object's life
+
+    # ---- the two calls the loop makes ----
+
+    def choose(self, limit: int) -> int:
+        """K in [0, limit] for the next round (limit = draft_max capped by tokens and context left)."""
+        self.probing = False
+        if not self.adaptive or limit <= 0:
+            return max(limit, 0)
+        self._rounds += 1
+        if not self._verify or self._draft.n == 0:
+            return limit                         # nothing measured yet: speculate fully, to measure
+        rates = self.rates(limit)
+        best = rates.index(max(rates))
+        if self.explore_every and self._rounds >= self._next_probe:
+            self._probes += 1
+            k = (min(best + 1, limit), max(best - 1, 0), limit)[self._probes % 3]
+            wait = self.explore_every
+            if k != best:
+                # round time = E[tokens] / rate; x = a probe round's time / a K* round's
+                x = (self._e_tokens(k) / rates[k]) / (self._e_tokens(best) / rates[best])
+                wait = max(wait, math.ceil((x - 1) / self.explore_share))
+                self.probing = True
+            self._next_probe = self._rounds + wait
+            return k
+        return best
+
+    def observe(self, K: int, accepted: int, t_draft: float, t_verify: float) -> None:
+        """One round's outcome: K drafts proposed, `accepted` of them kept, its draft and verify seconds."""
+        self.counts[K] = self.counts.get(K, 0) + 1
+        for i in range(min(accepted + 1, K)):    # position i is examined only if 0..i-1 were accepted
+            while len(self._alpha) <= i:
+                self._alpha.append(_Mean(self.prior_alpha, self.prior_strength, self.alpha_floor))
+            self._alpha[i].add(1.0 if i < accepted else 0.0)
+        if K > 0:
+            self._draft.add(t_draft / K)
+        self._verify.setdefault(K + 1, _Mean(floor=self.time_floor)).add(t_verify)
+
+    # ---- the model ----
+
+    def alpha(self, n: int) -> list[float]:
+        """Estimated acceptance of positions 0..n-1 (the prior where a position was never examined)."""
+        return [self._alpha[i].value if i < len(self._alpha) else self.prior_alpha for i in range(n)]
+
+    def verify_time(self, rows: int) -> float:
+        return self.verify_times(rows)[rows - 1]
+
+    def verify_times(self, max_rows: int) -> list[float]:
+        """t_v(1..max_rows): measured where seen; else a line through the seen row counts (slope >= 0),
+        clamped between the nearest seen neighbours so it stays monotone in rows.
+        Plain Python: a handful of points, and this runs every round."""
+        pts = sorted((r, m.value) for r, m in self._verify.items()) or [(1, 1.0)]   # (unmeasured: relative)
+        if len(pts) == 1:                        # one anchor: the prior's relative cost per row
+            r0, t0 = pts[0]
+            t1 = t0 / (1.0 + self.prior_row_cost * (r0 - 1))
+            line = (t1 * (1.0 - self.prior_row_cost), t1 * self.prior_row_cost)
+        else:
+            mr = sum(r for r, _ in pts) / len(pts)
+            mt = sum(t for _, t in pts) / len(pts)
+            slope = sum((r - mr) * (t - mt) for r, t in pts) / sum((r - mr) ** 2 for r, _ in pts)
+            slope = max(slope, 0.0)
+            line = (mt - slope * mr, slope)
+        seen = dict(pts)
+        out = []
+        for rows in range(1, max_rows + 1):
+            if rows in seen:
+                out.append(seen[rows])
+                continue
+            t = line[0] + line[1] * rows
+            lo = max((v for r, v in pts if r < rows), default=-math.inf)
+            hi = min((v for r, v in pts if r > rows), default=math.inf)
+            out.append(min(max(t, lo), hi) if lo <= hi else t)
+        return out
+
+    def draft_time(self) -> float:
+        return self._draft.value
+
+    def _e_tokens(self, K: int) -> float:
+        e, reach = 1.0, 1.0
+        for a in self.alpha(K):
+            reach *= a
+            e += reach
+        return e
+
+    def rates(self, limit: int) -> list[float]:
+        """Expected tokens per second of a round with K drafts, K = 0..limit."""
+        tv = self.verify_times(limit + 1)
+        td, alpha = self._draft.value, self.alpha(limit)
+        out, e_tokens, reach = [], 1.0, 1.0
+        for K in range(limit + 1):
+            if K > 0:
+                reach *= alpha[K - 1]
+                e_tokens += reach
+            out.append(e_tokens / (K * td + tv[K]))
+        return out
+
+    def rate(self, K: int) -> float:
+        return self.rates(K)[K]
+
+    def best(self, limit: int) -> int:
+        """argmax_K rate(K) over 0..limit; ties go to the smaller K (less work for the same speed)."""
+        r = self.rates(limit)
+        return r.index(max(r))
+
+    def summary(self) -> dict:
+        """For reports: the K histogram and the current estimates."""
+        return {"adaptive": self.adaptive, "k_histogram": dict(sorted(self.counts.items())),
+                "alpha": [round(m.value, 4) for m in self._alpha],
+                "draft_s_per_token": self._draft.value if self._draft.n else None,
+                "verify_s_by_rows": {r: self._verify[r].value for r in sorted(self._verify)}}

@@ -1,0 +1,226 @@
+"""K chosen online (draft_length.py): synthetic rounds against a brute-force throughput oracle, and
+lossless output on the tiny real pair whatever K the controller picks."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from spac_gguf.draft_length import DraftLength
+
+
+def oracle_rate(alpha, K: int, a: float, b: float, t_draft: float) -> float:
+    """Expected tokens per second of K drafts, from the distribution of the number accepted:
+    P(n) = prod_{i<n} alpha_i * (1 - alpha_n) for n < K, P(K) = prod_{i<K} alpha_i; a round emits n + 1."""
+    e_tokens, p_reach = 0.0, 1.0
+    for n in range(K):
+        e_tokens += p_reach * (1 - alpha[n]) * (n + 1)
+        p_reach *= alpha[n]
+    e_tokens += p_reach * (K + 1)
+    return e_tokens / (K * t_draft + a + b * (K + 1))
+
+
+def oracle_best(alpha, limit, a, b, t_draft) -> tuple[int, float]:
+    """Brute force over every K; returns (K*, relative margin over the runner-up)."""
+    rates = sorted(((oracle_rate(alpha, K, a, b, t_draft), K) for K in range(limit + 1)), reverse=True)
+    return rates[0][1], (rates[0][0] - rates[1][0]) / rates[0][0]
+
+
+def simulate(ctl: DraftLength, alpha, a, b, t_draft, *, limit: int, rounds: int, seed: int = 0,
+             probes: list[bool] | None = None) -> list[int]:
+    """Rounds against a synthetic pair: draft i accepted w.p. alpha_i (given 0..i-1 were),
+    verify cost a + b * rows, draft cost t_draft per token. Returns the K of every round
+    (and appends to `probes` whether each round was an exploration probe)."""
+    rng = np.random.default_rng(seed)
+    ks = []
+    for _ in range(rounds):
+        K = ctl.choose(limit)
+        assert 0 <= K <= limit
+        if probes is not None:
+            probes.append(ctl.probing)
+        n = 0
+        while n < K and rng.random() < alpha[n]:
+            n += 1
+        ctl.observe(K, n, K * t_draft, a + b * (K + 1))
+        ks.append(K)
+    return ks
+
+
+def _non_probe(ks: list[int], probes: list[bool], start: int) -> list[int]:
+    """The rounds from `start` on that were not exploration probes."""
+    return [k for k, p in zip(ks[start:], probes[start:]) if not p]
+
+
+def _cases(limit: int, per_k: int = 2, margin: float = 0.08):
+    """Random settings whose best K is clear (ahead of the runner-up by `margin`), up to `per_k` for
+    each K (a best K deep inside 0..limit is rarely clear: the rate is flat around it)."""
+    rng = np.random.default_rng(7)
+    found: dict[int, list] = {}
+    for _ in range(3000):
+        alpha = rng.uniform(rng.choice([0.05, 0.5, 0.85]), 0.99, limit)
+        if rng.random() < 0.5:
+            alpha = np.sort(alpha)[::-1]
+        a, b, td = rng.uniform(1, 10), rng.uniform(0, 2), rng.uniform(0.05, 1.5)
+        K, m = oracle_best(alpha, limit, a, b, td)
+        if m >= margin and len(found.setdefault(K, [])) < per_k:
+            found[K].append((alpha, a, b, td, K))
+    return [c for K in sorted(found) for c in found[K]]
+
+
+@pytest.mark.parametrize("case", _cases(6))
+def test_picks_the_brute_force_best_k(case):
+    alpha, a, b, td, k_star = case
+    ctl, probes = DraftLength(), []
+    ks = simulate(ctl, alpha, a, b, td, limit=6, rounds=800, probes=probes)
+    settled = _non_probe(ks, probes, 400)
+    mode, count = Counter(settled).most_common(1)[0]
+    assert mode == k_star, (Counter(settled), k_star)
+    assert count >= 0.7 * len(settled), Counter(settled)
+
+
+def test_cases_cover_zero_interior_and_bound():
+    """The parametrised cases above are not all one answer."""
+    ks = {c[-1] for c in _cases(6)}
+    assert 0 in ks and 6 in ks and ks - {0, 6}
+
+
+def test_expensive_verify_and_low_acceptance_converge_to_plain_decoding():
+    # t_v(2) = 2.6 > 2 * t_v(1) = 2.4: a second row costs more than a whole extra pass
+    ctl, probes = DraftLength(), []
+    ks = simulate(ctl, [0.2] * 8, a=0.2, b=1.0, t_draft=0.1, limit=8, rounds=400, probes=probes)
+    assert ks[0] == 8                                   # first round speculates, to measure
+    assert set(_non_probe(ks, probes, 100)) == {0}
+    assert ctl.best(8) == 0
+
+
+def test_high_acceptance_and_cheap_verify_converge_to_the_bound():
+    ctl, probes = DraftLength(), []
+    ks = simulate(ctl, [0.95] * 8, a=10.0, b=0.1, t_draft=0.2, limit=8, rounds=300, probes=probes)
+    assert set(_non_probe(ks, probes, 100)) == {8}
+    assert set(k for k, p in zip(ks, probes) if p) == {7}     # K* - 1 (K* + 1 and the bound are K*)
+    assert ctl.best(8) == 8
+    assert ctl.counts[8] == ks.count(8) and sum(ctl.counts.values()) == len(ks)
+
+
+def test_exploration_probes_k_plus_one_and_the_bound():
+    """Stuck at K = 0 (which observes no acceptance), probes still re-measure drafting,
+    at most every explore_every rounds, and the dear probe (the bound) less often."""
+    ctl, probes = DraftLength(explore_every=10), []
+    ks = simulate(ctl, [0.2] * 8, a=0.2, b=1.0, t_draft=0.1, limit=8, rounds=2000, probes=probes)
+    late = list(zip(ks[100:], probes[100:]))
+    probed = [k for k, p in late if p]
+    assert all(k == 0 for k, p in late if not p)       # no drafting outside the probes
+    assert set(probed) == {1, 8}                        # K* + 1 and the bound (K* - 1 is K* = 0)
+    assert 0 < probed.count(8) <= probed.count(1) <= probed.count(8) + 1
+    where = [i for i, (_, p) in enumerate(late) if p]
+    gaps = np.diff(where)
+    assert gaps.min() >= 10
+    assert gaps.max() > 10                              # a probe to K = 8 costs > 1.5 K = 0 rounds: waits longer
+    # time spent on probes beyond what K* = 0 would have spent: about explore_share (5 %) of the whole
+    cost = lambda k: k * 0.1 + 0.2 + 1.0 * (k + 1)      # noqa: E731
+    extra = sum(cost(k) - cost(0) for k in probed)
+    assert extra / sum(cost(k) for k, _ in late) < 0.1
+
+
+def test_cheap_probes_come_every_explore_every_rounds():
+    ctl, probes = DraftLength(explore_every=10), []
+    simulate(ctl, [0.3] * 8, a=10.0, b=0.01, t_draft=0.01, limit=8, rounds=400, probes=probes)
+    where = np.nonzero(probes[100:])[0]
+    assert len(where) >= 25 and (np.diff(where) == 10).all()
+
+
+def test_exploration_recovers_when_acceptance_improves():
+    """A K that looked bad is re-tried: after acceptance jumps, the controller leaves K = 0."""
+    ctl = DraftLength()
+    simulate(ctl, [0.05] * 6, a=1.0, b=0.3, t_draft=0.1, limit=6, rounds=300)
+    assert ctl.best(6) == 0
+    ks = simulate(ctl, [0.98] * 6, a=1.0, b=0.3, t_draft=0.1, limit=6, rounds=400, seed=1)
+    assert oracle_best([0.98] * 6, 6, 1.0, 0.3, 0.1)[0] == 6
+    assert ctl.best(6) == 6 and ks[-50:].count(6) >= 45
+
+
+def test_fixed_mode_is_the_bound():
+    ctl = DraftLength(adaptive=False)
+    for limit in (5, 5, 3, 0, 5):
+        assert ctl.choose(limit) == limit
+        ctl.observe(limit, 0, 1.0, 100.0)              # terrible outcomes change nothing
+    assert ctl.choose(5) == 5
+
+
+def test_verify_time_interpolates_monotonically():
+    ctl = DraftLength()
+    for rows, t in ((1, 1.0), (3, 2.0), (5, 3.0)):
+        ctl.observe(rows - 1, 0, 0.1 * (rows - 1), t)
+    assert ctl.verify_time(3) == pytest.approx(2.0)
+    assert ctl.verify_time(2) == pytest.approx(1.5) and ctl.verify_time(4) == pytest.approx(2.5)
+    assert ctl.verify_time(7) == pytest.approx(4.0)     # the line beyond the last seen row count
+    assert ctl.verify_time(4) >= ctl.verify_time(3)
+
+
+def test_limit_is_respected_near_the_end():
+    ctl = DraftLength()
+    simulate(ctl, [0.95] * 8, a=10.0, b=0.1, t_draft=0.2, limit=8, rounds=50)
+    for limit in (3, 1, 0):
+        assert ctl.choose(limit) <= limit
+
+
+# ---- end to end on the tiny real pair ----
+
+N_TOKENS = 48
+
+
+class RandomK(DraftLength):
+    """Any K in 0..limit, at random: output must not depend on it."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.rng = np.random.default_rng(seed)
+        self.limits: list[int] = []
+
+    def choose(self, limit: int) -> int:
+        self.limits.append(limit)
+        return int(self.rng.integers(0, limit + 1))
+
+
+@pytest.fixture(scope="module")
+def loaded(pair_files, threads):
+    from spac_gguf.pair import load
+    target, draft = pair_files
+    p = load(target, draft, n_ctx=256, n_threads=threads)
+    yield p
+    p.close()
+
+
+def test_adaptive_greedy_equals_target_alone(loaded):
+    from conftest import PROMPTS
+    for prompt in PROMPTS[:2]:
+        alone = [t.token for t in loaded.generate(prompt, max_tokens=N_TOKENS, draft_max=0, stop_at_eog=False)]
+        out = [t.token for t in loaded.generate(prompt, max_tokens=N_TOKENS, draft_max=4, stop_at_eog=False)]
+        st = loaded.last_stats
+        assert out == alone, prompt
+        assert sum(st.k_counts.values()) == st.n_target_passes
+        assert sum(K * n for K, n in st.k_counts.items()) == st.n_drafted
+        assert max(st.k_counts) <= 4
+        assert st.as_dict()["k_histogram"] == dict(sorted(st.k_counts.items()))
+    assert sum(loaded.draft_length.counts.values()) >= 2
+
+
+def test_any_k_sequence_is_lossless(loaded):
+    """K = 0 rounds between drafting rounds (the draft falls behind and catches up) change nothing."""
+    from conftest import PROMPTS
+    from spac_gguf.sampling import Sampler
+    from spac_gguf.speculative import Drafter, generate
+    prompt = loaded.tokenize(PROMPTS[0])
+    alone = [t.token for t in loaded.generate(prompt, max_tokens=N_TOKENS, draft_max=0, stop_at_eog=False)]
+    for seed in range(3):
+        ctl = RandomK(seed)
+        loaded.target_ctx.reset()
+        loaded.draft_ctx.reset()
+        steps = list(generate(loaded.verifier, Drafter(loaded.draft_ctx), prompt, max_tokens=N_TOKENS,
+                              draft_max=5, sampler=Sampler(), draft_length=ctl))
+        st = steps[-1].stats
+        assert [s.token for s in steps] == alone
+        assert sum(st.k_counts.values()) == st.n_target_passes == len(ctl.limits)
+        assert 0 in st.k_counts and len(st.k_counts) > 2
+        assert max(ctl.limits) == 5 and min(ctl.limits) < 5     # the bound, capped by tokens left at the end
