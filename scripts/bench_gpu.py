@@ -3,7 +3,7 @@
     bench_gpu.py --target T.gguf --draft D.gguf [--out docs/bench/gpu-DATE.json]
                  [--systems ...] [--budgets 0.10,0.17,0.30] [--acceptances 0.5,0.7,0.9]
                  [--main-budget 0.17] [--main-acceptance 0.7] [--full-matrix]
-                 [-n 48] [--repeats 3] [--draft-max 5] [-ngl 99] [--hw h100-pcie5] [--time-limit 420]
+                 [-n 48] [--repeats 3] [--draft-max 5] [-ngl 99] [--hw h200-pcie5] [--time-limit 420]
 
 Systems (all from our build; (1)-(3) run with the expert cache off):
   llama_ar_cpu     plain decoding, routed experts on the CPU (llama.cpp `-ot exps=CPU`)
@@ -14,11 +14,24 @@ Systems (all from our build; (1)-(3) run with the expert cache off):
   sd_static        speculative + expert cache, static hot set from a calibration routing trace
                    (recorded here, on a different prompt, with plain decoding of the target)
   spac             speculative + expert cache, the SpAc policy (estimator + balancer)
+  lru_ar, spac_ar  the same caches with plain decoding (K = 0)
   llama_ar_gpu     reference only: every weight on the GPU (the dense-part / all-GPU bound)
+
+Every system with host experts keeps them in pinned host memory (--no-pinned: mmap). The cache systems
+use in-pass loads (--no-inpass: off): `sd_lru`/`lru_ar` upload every miss and evict by recency (the
+upstream llama.cpp design), `spac`/`spac_ar` upload the share of the misses that balances the CPU and
+the link (balancer.inpass_share of the hardware profile) and evict by the estimator's utility.
+
+Routing (--routing): `model` (the random model's own router) or a replayed trace from
+spac_gguf.locality (`random`, `qwen3-calibrated`, `high-skew`): every decode of every system computes
+the trace's experts for the positions it decodes (the patch's routing replay), so all systems see the
+same routing, row for row. The benchmark target's greedy output does not depend on routing
+(scripts/make_bench_model.py), so every system still emits the same tokens.
 
 Acceptance control ("oracle draft, corrupted"): random weights give ~0 acceptance, so the proposals are
 the target's own greedy continuation (recorded first, plain decoding, experts on CPU) with each position
-replaced by a random other token with probability 1 - a. The mask is fixed per (a, prompt) position, so
+replaced by a random other token at a share 1 - a of the positions (stratified in blocks of 20, so a
+short run measures a, not a +-0.1 draw). The mask is fixed per (a, prompt) position, so
 every system sees the same proposals and, with exact verification, makes the same target passes. The
 real draft model still decodes every round (the same calls and shapes as Drafter.propose); only its
 argmax is discarded. Measured `acceptance` = accepted / examined draft tokens (examined = accepted +
@@ -51,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 import llama_cpp  # noqa: E402
 
-from spac_gguf import gguf_layout, llama_backend, native  # noqa: E402
+from spac_gguf import gguf_layout, llama_backend, locality, native  # noqa: E402
 from spac_gguf.hardware import measure_cpu_stream_gbps  # noqa: E402
 from spac_gguf.pair import ModelPair  # noqa: E402
 from spac_gguf.sampling import Sampler  # noqa: E402
@@ -59,9 +72,11 @@ from spac_gguf.speculative import Drafter, generate as spec_generate  # noqa: E4
 
 AR_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_ar_gpu")
 SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac")
-CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac"}
-ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "llama_ar_gpu")
-BUDGETED = ("llama_ar_layers", "sd_lru", "sd_static", "spac")
+CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac", "lru_ar": "lru", "spac_ar": "spac"}
+ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "lru_ar", "spac_ar",
+               "llama_ar_gpu")
+BUDGETED = ("llama_ar_layers", "sd_lru", "sd_static", "spac", "lru_ar", "spac_ar")
+ROUTINGS = ("model", "random", "qwen3-calibrated", "high-skew")
 
 PROMPTS = [
     "The history of the Roman Empire begins with",
@@ -126,9 +141,15 @@ class OracleDrafter(Drafter):
         super().keep(n_valid)
 
 
-def corruption(a: float, n: int, n_vocab: int, cont: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def corruption(a: float, n: int, n_vocab: int, cont: list[int], seed: int, block: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Which positions the draft gets wrong, and with what. Stratified: every block of `block`
+    positions has exactly round(block x (1 - a)) wrong ones at random places, so the measured
+    acceptance of a short run is a to within a few hundredths (i.i.d. draws vary by +-0.1 at 48 tokens)."""
     rng = np.random.default_rng(seed)
-    mask = rng.random(n) >= a
+    mask = np.zeros(n, bool)
+    for b0 in range(0, n, block):
+        m = min(block, n - b0)
+        mask[b0 + rng.choice(m, int(round(m * (1.0 - a))), replace=False)] = True
     rep = rng.integers(0, n_vocab - 1, n)
     c = np.asarray(cont[:n] + [0] * (n - len(cont[:n])))
     rep = np.where(rep >= c, rep + 1, rep)             # a token different from the continuation's
@@ -144,11 +165,17 @@ class Probe:
     def __init__(self, pair: ModelPair, gpu_layers: set[int] | None = None):
         self.pair = pair
         self.gpu_layers = gpu_layers or set()
+        self.replay: np.ndarray | None = None          # [positions, layers, k] routing to replay
         self.reset()
         ctx = pair.target_ctx
         dec = ctx.decode
+        moe_layers = list(pair.layout.moe_layers)
 
         def decode(tokens, logits="last"):
+            if self.replay is not None:                # the rows' positions pick the trace's rows
+                rows = self.replay[ctx.n_past:ctx.n_past + len(tokens)]
+                for il in moe_layers:
+                    native.replay(ctx.ptr, il, rows[:, il])
             t = time.perf_counter()
             try:
                 return dec(tokens, logits)
@@ -215,9 +242,10 @@ def cache_counters(pair: ModelPair) -> dict:
 
 
 def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
-             oracle: tuple | None) -> tuple[list[int], dict]:
+             oracle: tuple | None, replay: np.ndarray | None = None) -> tuple[list[int], dict]:
     """One greedy generation of exactly n tokens; K = 0 is plain decoding."""
     pair.target_ctx.reset()
+    probe.replay = replay
     drafter = None
     if K > 0:
         pair.draft_ctx.reset()
@@ -225,12 +253,14 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         drafter = OracleDrafter(pair.draft_ctx, len(prompt), cont, mask, rep)
     probe.reset()
     c0 = cache_counters(pair)
+    n0 = pair.cache.counters() if pair.cache is not None and native.available() else None
     out, st = [], None
     for step in spec_generate(pair.verifier, drafter, prompt, max_tokens=n, draft_max=K,
                               sampler=Sampler(temperature=0.0), is_eog=lambda t: False):
         out.append(step.token)
         st = step.stats
     c1 = cache_counters(pair)
+    n1 = pair.cache.counters() if n0 is not None else None
     dec = probe.decodes[1:] if len(prompt) > 1 else probe.decodes      # first call is the prefill
     gen_s = st.t_last - st.t_start - st.t_prefill
     m = {
@@ -241,6 +271,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "diverged_at": drafter.diverged_at if drafter else None,
         "hits": c1["hits"] - c0["hits"], "misses": c1["misses"] - c0["misses"], "bytes_copied": c1["bytes"] - c0["bytes"],
         "unique_experts": int(sum(probe.unique)), "uncached_experts": int(sum(probe.uncached)),
+        "inpass_loads": (n1["inpass_loads"] - n0["inpass_loads"]) if n0 else 0,
+        "inpass_bytes": (n1["inpass_bytes"] - n0["inpass_bytes"]) if n0 else 0,
         "routing_seen": bool(probe.unique),
         "breakdown": {
             "total_s": gen_s, "draft_s": st.t_draft, "verify_s": st.t_verify,
@@ -296,7 +328,7 @@ class FakeCache:
 
 def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, calib_path: str | None):
     """(pair, probe, info) for one system at one budget, or raise SkipSystem."""
-    kw = dict(n_gpu_layers=a.ngl, n_ctx=a.n_ctx, n_threads=a.threads)
+    kw = dict(n_gpu_layers=a.ngl, n_ctx=a.n_ctx, n_threads=a.threads, pinned_experts=a.pinned)
     base_routing = "native" if native.available() else "off"
     draft = a.draft if system in SD_SYSTEMS else None
     info = {"budget": budget}
@@ -320,8 +352,9 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         pol = CACHE_POLICY[system]
         pair = ModelPair(a.target, draft, experts_on_cpu=True, routing="auto", policy=pol,
                          budget=f"{budget * 100:g}%", hw=a.hw, draft_max=a.draft_max,
-                         calibration=calib_path if pol == "static" else None, **kw)
-        info.update(slots_per_layer=pair.cache.n_slots,
+                         calibration=calib_path if pol == "static" else None,
+                         inpass=a.inpass and pol in ("lru", "spac"), **kw)
+        info.update(slots_per_layer=pair.cache.n_slots, inpass=str(pair.engine.inpass),
                     budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
                     policy=pol, hw=a.hw)
         if pol == "static":
@@ -330,6 +363,7 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         pair = ModelPair(a.target, draft, experts_on_cpu=True, routing=base_routing, **kw)
         info["budget"] = 0.0
     info.setdefault("budget_actual", info["budget"])
+    info["pinned_experts"] = bool(getattr(pair.target, "pinned", False))
     info["routing_capture"] = ("native" if native.available() else
                                ("callback" if pair.routing is not None else "off"))
     return pair, Probe(pair, gpu_layers), info
@@ -397,6 +431,23 @@ def measure_bandwidths(mb_per_worker: int = 128, reps: int = 5) -> dict:
     out["pcie_h2d_pageable_gbps"] = h2d(256 << 20, False, 3)
     out["pcie_h2d_pinned_2650KB_gbps"] = h2d(2_654_208, True, 50)
     return out
+
+
+def measure_slot_upload(pair: ModelPair, n_layers: int = 4) -> dict:
+    """Slot loads the way the engine issues them (ExpertCache.load_async, one batch, then wait): the
+    experts of `n_layers` layers into empty slots. Done before the pair's first run, so every slot is free."""
+    c = pair.cache
+    layers = [int(il) for il in np.nonzero(c.cached_layers)[0][:n_layers]]
+    S = min(c.n_slots, 16)
+    t = time.perf_counter()
+    for il in layers:
+        for sl in range(S):
+            c.load_async(il, sl, sl)
+    c.wait_all()
+    dt = time.perf_counter() - t
+    nbytes = len(layers) * S * c.expert_bytes
+    return {"slot_upload_gbps": nbytes / dt / 1e9, "slot_upload_bytes": nbytes, "slot_upload_experts": len(layers) * S,
+            "slot_upload_source": "pinned host experts" if getattr(pair.target, "pinned", False) else "mmap (staged)"}
 
 
 def bandwidths_subprocess(timeout: int = 120) -> dict:
@@ -480,8 +531,8 @@ def cells(a) -> list[tuple[str, float | None, float | None]]:
     for s in a.systems:
         if s in ("llama_ar_cpu", "llama_ar_gpu"):
             out.append((s, None, None))
-        elif s == "llama_ar_layers":
-            out += [(s, b, None) for b in a.budgets]
+        elif s in ("llama_ar_layers", "lru_ar", "spac_ar"):
+            out += [(s, b, None) for b in a.budgets if a.full_matrix or b == a.main_budget or s == "llama_ar_layers"]
         elif s == "llama_sd_cpu":
             out += [(s, None, acc) for acc in a.acceptances]
         else:
@@ -503,7 +554,8 @@ def aggregate(runs: list[dict]) -> dict:
     tps = [r["tps"] for r in runs]
     agg = {"tps": statistics.median(tps), "tps_runs": tps, "repeats": len(runs),
            "tps_min": min(tps), "tps_max": max(tps)}
-    for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts"):
+    for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts",
+              "inpass_loads", "inpass_bytes"):
         agg[k] = float(np.mean([r[k] for r in runs]))
     acc = [r["acceptance"] for r in runs if r["acceptance"] is not None]
     agg["acceptance"] = float(np.mean(acc)) if acc else None
@@ -536,12 +588,16 @@ def main(argv=None) -> int:
     ap.add_argument("-ngl", "--gpu-layers", dest="ngl", type=int, default=None, help="default 99 with a GPU, else 0")
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("-c", "--n-ctx", type=int, default=None)
-    ap.add_argument("--hw", default=None, help="hardware profile for spac/the engine (default h100-pcie5 / desktop-pcie4x16)")
+    ap.add_argument("--hw", default=None, help="hardware profile for spac/the engine (default h200-pcie5 / desktop-pcie4x16)")
     ap.add_argument("--time-limit", type=float, default=420.0, help="seconds; later runs are skipped, noted in the JSON")
     ap.add_argument("--calib-tokens", type=int, default=64)
     ap.add_argument("--fake-cache", action="store_true",
                     help="plumbing test without the patch: cache bookkeeping only (decode reads no slots)")
     ap.add_argument("--no-bw", action="store_true", help="skip the bandwidth measurements")
+    ap.add_argument("--routing", default="random,qwen3-calibrated",
+                    help=f"comma list of {', '.join(ROUTINGS)} (model: no replay)")
+    ap.add_argument("--no-pinned", dest="pinned", action="store_false", help="host experts mmapped, not pinned")
+    ap.add_argument("--no-inpass", dest="inpass", action="store_false", help="cache systems without in-pass loads")
     a = ap.parse_args(argv)
     if a.measure_bw:
         print(json.dumps(measure_bandwidths()))
@@ -553,6 +609,9 @@ def main(argv=None) -> int:
     bad = [s for s in a.systems if s not in ALL_SYSTEMS]
     if bad:
         ap.error(f"unknown systems {bad}; known: {', '.join(ALL_SYSTEMS)}")
+    a.routings = [r.strip() for r in a.routing.split(",") if r.strip()]
+    if [r for r in a.routings if r not in ROUTINGS]:
+        ap.error(f"unknown routing in {a.routing!r}; known: {', '.join(ROUTINGS)}")
     a.budgets = [float(x) for x in a.budgets.split(",")]
     a.acceptances = [float(x) for x in a.acceptances.split(",")]
     if a.main_budget not in a.budgets:
@@ -562,7 +621,7 @@ def main(argv=None) -> int:
     gpu = llama_backend.gpu_available()
     if a.ngl is None:
         a.ngl = 99 if gpu else 0
-    a.hw = a.hw or ("h100-pcie5" if gpu else "desktop-pcie4x16")
+    a.hw = a.hw or ("h200-pcie5" if gpu else "desktop-pcie4x16")
     a.n_ctx = a.n_ctx or (256 + a.tokens + a.draft_max + 64)
     date = datetime.date.today().isoformat()
     out_path = Path(a.out or ROOT / "docs" / "bench" / f"gpu-{date}.json")
@@ -600,7 +659,8 @@ def main(argv=None) -> int:
             "expert_bytes": lay.expert_bytes, "dense_bytes": lay.dense_bytes, "vocab": lay.vocab_size,
             "draft": Path(a.draft).name, "draft_bytes": dlay.file_size, "draft_arch": dlay.architecture,
             "draft_layers": dlay.n_layer, "draft_n_embd": dlay.n_embd,
-            "weights": "random (scripts/make_bench_model.py): routing has no learned locality",
+            "weights": "random (scripts/make_bench_model.py): greedy output follows a fixed token permutation "
+                       "by a wide logit margin; locality comes from replayed routing",
         },
         "method": {
             "tokens": a.tokens, "repeats": a.repeats, "main_budget": a.main_budget,
@@ -647,8 +707,19 @@ def main(argv=None) -> int:
     oracles = {acc: [(conts[i],) + corruption(acc, a.tokens, n_vocab, conts[i], seed=1000 * i + int(round(acc * 100)))
                      for i in range(a.repeats)] for acc in a.acceptances}
     log(f"reference continuations done ({time.perf_counter() - T0:.0f} s)")
+    # routing to replay, per prompt (and one for the warm-up): one row per context position
+    replays = {r: (None if r == "model" else
+                   [locality.generate(r, n_layers=lay.n_layer, n_expert=lay.n_expert, k=lay.n_expert_used,
+                                      tokens=a.n_ctx, prompts=1, draft_max=0, seed=100 + i).ids
+                    for i in range(a.repeats + 1)]) for r in a.routings}
+    doc["method"]["routing"] = {r: ("the model's router" if r == "model" else
+                                    f"replayed spac_gguf.locality preset {r!r}, seeds 100..{100 + a.repeats}")
+                                for r in a.routings}
+    doc["method"]["pinned_experts"] = a.pinned
+    doc["method"]["inpass"] = a.inpass
 
-    # 2. phases
+    # 2. phases: one pair in memory at a time (pinned host experts are a copy per pair, 17 GB each);
+    #    within a pair: repeat -> routing -> acceptance
     todo = cells(a)
     phases: dict[str, list] = {}
     for c in todo:
@@ -658,59 +729,57 @@ def main(argv=None) -> int:
     timed_out = False
     for ph in order:
         cs = phases[ph]
-        if time.perf_counter() - T0 > a.time_limit:
-            timed_out = True
-            skipped += [{"system": s, "budget": b, "acceptance": acc, "reason": "time limit"} for s, b, acc in cs]
-            continue
-        log(f"phase budget={ph}: {len(cs)} cells")
-        pairs = {}
-        for s, b, _ in cs:
-            if (s, b) in pairs:
+        log(f"phase budget={ph}: {len(cs)} cells x {len(a.routings)} routings")
+        for key in dict.fromkeys((s, b) for s, b, _ in cs):
+            s, b = key
+            if time.perf_counter() - T0 > a.time_limit:
+                timed_out = True
+                skipped += [{"system": s, "budget": b, "reason": "time limit"}]
                 continue
             t = time.perf_counter()
             try:
-                pairs[(s, b)] = load_pair(s, b, a, lay, calib_path)
+                pair, probe, info = load_pair(s, b, a, lay, calib_path)
             except Exception as e:                     # noqa: BLE001
                 log(f"SKIP {s} budget {b}: {type(e).__name__}: {e}")
                 skipped.append({"system": s, "budget": b, "reason": f"{type(e).__name__}: {e}"})
                 continue
-            pairs[(s, b)][2]["load_s"] = time.perf_counter() - t
-            log(f"  loaded {s} budget={b} in {time.perf_counter() - t:.1f} s {pairs[(s, b)][2]}")
-        # warm-up: one untimed run per pair on the calibration prompt (page cache, kernels, cache fill)
-        for (s, b), (pair, probe, info) in pairs.items():
-            K = a.draft_max if s in SD_SYSTEMS else 0
-            run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracle if K else None)
-        runs: dict[tuple, list] = {}
-        for rep in range(a.repeats):
-            for acc in [None] + a.acceptances:
-                for s, b, cacc in cs:
-                    if cacc != acc or (s, b) not in pairs:
-                        continue
-                    if time.perf_counter() - T0 > a.time_limit:
-                        timed_out = True
-                        continue
-                    pair, probe, info = pairs[(s, b)]
-                    K = a.draft_max if acc is not None else 0
-                    toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None)
-                    m["matches_reference"] = toks == conts[rep]
-                    runs.setdefault((s, b, acc), []).append(m)
-        for (s, b, acc), rs in runs.items():
-            info = pairs[(s, b)][2]
-            r = {"system": s, "budget": info["budget"] if info["budget"] is not None else b,
-                 "budget_actual": info.get("budget_actual"), "acceptance_target": acc,
-                 "routing": "model", "drafter": DRAFTER_LABEL if acc is not None else None,
-                 "draft_max": a.draft_max if acc is not None else 0, **aggregate(rs), "config": info}
-            if r["hit_rate"] is None:                  # no cache: the share of routed entries whose experts sit on the GPU
-                r["hit_rate"] = float(r["budget_actual"] or 0.0)
-            if s == "llama_ar_gpu":
-                gpu_pass = r["breakdown"]["target_decode_s"] / max(r["passes"], 1)
-            doc["results"].append(r)
-            log(f"  {s:16s} b={r['budget']!s:5s} a={acc!s:4s} tps={r['tps']:.2f} passes={r['passes']:.0f} "
-                f"acc={r['acceptance']} hit={r['hit_rate']} match={r['output_matches_reference']}")
-        for pair, _, _ in pairs.values():
+            info["load_s"] = time.perf_counter() - t
+            log(f"  loaded {s} budget={b} in {info['load_s']:.1f} s {info}")
+            if pair.cache is not None and "slot_upload_gbps" not in doc["bandwidth"]:
+                doc["bandwidth"].update(measure_slot_upload(pair))
+                log("  slot upload:", {k: v for k, v in doc["bandwidth"].items() if k.startswith("slot_")})
+            accs = [acc for cs_, b_, acc in cs if (cs_, b_) == key]
+            K0 = a.draft_max if s in SD_SYSTEMS else 0
+            # warm-up: one untimed run on the calibration prompt (kernels, page cache, cache fill)
+            run_once(pair, probe, warm_prompt, a.tokens, K0, warm_oracle if K0 else None,
+                     replays[a.routings[0]][-1] if replays[a.routings[0]] else None)
+            runs: dict[tuple, list] = {}
+            for rep in range(a.repeats):
+                for routing in a.routings:
+                    for acc in accs:
+                        if time.perf_counter() - T0 > a.time_limit:
+                            timed_out = True
+                            continue
+                        K = a.draft_max if acc is not None else 0
+                        rp = replays[routing][rep] if replays[routing] else None
+                        toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None, rp)
+                        m["matches_reference"] = toks == conts[rep]
+                        runs.setdefault((routing, acc), []).append(m)
+            for (routing, acc), rs in runs.items():
+                r = {"system": s, "budget": info["budget"] if info["budget"] is not None else b,
+                     "budget_actual": info.get("budget_actual"), "acceptance_target": acc,
+                     "routing": routing, "drafter": DRAFTER_LABEL if acc is not None else None,
+                     "draft_max": a.draft_max if acc is not None else 0, **aggregate(rs), "config": info}
+                if r["hit_rate"] is None:              # no cache: the share of routed entries whose experts sit on the GPU
+                    r["hit_rate"] = float(r["budget_actual"] or 0.0)
+                if s == "llama_ar_gpu" and gpu_pass is None:
+                    gpu_pass = r["breakdown"]["target_decode_s"] / max(r["passes"], 1)
+                doc["results"].append(r)
+                log(f"  {s:16s} b={r['budget']!s:5s} r={routing:16s} a={acc!s:4s} tps={r['tps']:.2f} "
+                    f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} "
+                    f"match={r['output_matches_reference']}")
             pair.close()
-        pairs.clear()
-        save()
+            save()
 
     # 3. rooflines (after all phases: the all-GPU pass time comes from the reference phase)
     if gpu_pass is None:

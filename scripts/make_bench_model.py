@@ -15,7 +15,18 @@ per (quant type, scale), whose blocks already carry the fixed fp16 scale(s). No 
 Numerics: quantised values are random, the per-block fp16 scales are set so each weight has about the
 rms the layer needs (1/sqrt(fan_in) for inputs, BRANCH/sqrt(fan_in) for residual outputs), norms are 1.
 Q4_K blocks decode to d*sc*q - dmin*m with random 6-bit sc, m and 4-bit q; dmin = 7.5 d centres them
-on average. Routing is whatever the random router and hidden states give (no locality by design).
+on average. Routing is whatever the random router and hidden states give (no locality by design; the
+benchmark replays routing traces for locality).
+
+Robust greedy output (why: a random model's top-2 logits are often within float noise, so batched
+verify and one-token decodes pick different tokens and every system ends up doing different work).
+The output head is the token embedding with its rows permuted: row next(t) holds t's embedding bytes,
+so when the current token is t the final hidden state (mostly t's embedding: the residual branches are
+scaled down to BRANCH) has dot product ~n_embd with row next(t) and ~sqrt(n_embd) with every other
+row. Greedy decoding then follows the fixed permutation `next` over normal tokens with a margin of
+tens of logit standard deviations (WIN_LOGIT), on any backend. Rows of control tokens are zero, so
+generation never emits one. Shapes, quant types and bytes per tensor are unchanged: every expert is
+still read and multiplied.
 """
 from __future__ import annotations
 
@@ -34,8 +45,9 @@ from gguf import GGMLQuantizationType as QT
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spac_gguf.gguf_layout import read_gguf  # noqa: E402
 
-BRANCH = 0.2          # rms of a residual branch's output relative to the residual stream (embedding rms 1)
-LOGIT_STD = 4.0       # logits std for a unit-rms final hidden state
+BRANCH = 0.03         # rms of a residual branch's output relative to the residual stream (embedding rms 1):
+                      # 96 branches add ~0.3 rms, so the current token's embedding dominates the last state
+WIN_LOGIT = 30.0      # the next token's logit; the others have std ~WIN_LOGIT/sqrt(n_embd)
 ROUTER_STD = 2.0      # router logits std: clear but input-dependent top-k
 BLOCK = {QT.Q4_K: (256, 144), QT.Q8_0: (32, 34)}   # values per block, bytes per block
 # rms of one decoded value per unit of d: Q4_K: sqrt(E[sc^2] E[q^2]) with sc~U{0..63}, q~U{0..15};
@@ -122,7 +134,9 @@ class Writer:
         assert shape[-1] % vals == 0, (shape, qtype)
         return n // vals * nb
 
-    def write(self, kv) -> int:
+    def write(self, kv, next_of: np.ndarray | None = None) -> int:
+        """Stream the planned tensors; `output.weight` (kind "next") is token_embd's rows permuted so
+        that row next_of[t] holds row t (Q8_0 blocks with the scale set for WIN_LOGIT)."""
         w = gguf.GGUFWriter(self.path, self.arch)
         kv(w)
         pools: dict[tuple[QT, float], Pool] = {}
@@ -136,8 +150,11 @@ class Writer:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        embd = None
         for name, shape, qt, rms, kind in self.plan:
-            if qt == QT.F32:
+            if kind == "next":
+                arr = next_head(embd, next_of, rms)
+            elif qt == QT.F32:
                 arr = (np.ones(shape, np.float32) if kind == "ones"
                        else (self.rng.standard_normal(shape, dtype=np.float32) * rms))
             else:
@@ -146,9 +163,32 @@ class Writer:
                     n = need[key]
                     pools[key] = Pool(qt, rms, n + max(1, n // 4), self.rng)
                 arr = pools[key].take(int(np.prod(shape)) // BLOCK[qt][0])
+            if name == "token_embd.weight":
+                embd = arr.reshape(shape[0], -1)
             w.write_tensor_data(arr)
         w.close()
         return self.path.stat().st_size
+
+
+def next_head(embd: np.ndarray, next_of: np.ndarray, rms: float) -> np.ndarray:
+    """Q8_0 output head: row next_of[t] = embedding row t with its block scales set to d (row of rms
+    `rms`), rows that are nobody's next (control tokens) all zero."""
+    n_vocab, row_bytes = embd.shape
+    vals, nb = BLOCK[QT.Q8_0]
+    head = np.zeros((n_vocab, row_bytes // nb, nb), np.uint8)
+    src = np.nonzero(next_of >= 0)[0]
+    head[next_of[src]] = embd[src].reshape(len(src), -1, nb)
+    head[next_of[src], :, 0:2] = np.array([rms / RMS_PER_D[QT.Q8_0]], np.float16).view(np.uint8)
+    return head.reshape(-1)
+
+
+def next_token_map(token_types: np.ndarray, seed: int) -> np.ndarray:
+    """next_of[t]: the token greedy decoding emits after t, a random permutation of the normal tokens
+    (token type 1); -1 for the others (their successor is whatever wins, with no margin)."""
+    normal = np.nonzero(token_types == 1)[0]
+    nxt = np.full(len(token_types), -1, np.int64)
+    nxt[normal] = np.random.default_rng(seed + 7).permutation(normal)
+    return nxt
 
 
 def common_kv(w: gguf.GGUFWriter, s: Shape, name: str, ftype: int, tok) -> None:
@@ -178,7 +218,11 @@ def plan_model(wr: Writer, s: Shape, n_vocab: int, expert_q: QT = QT.Q4_K, dense
     nq, nkv = s.n_head * hd, s.n_head_kv * hd
     wr.add("token_embd.weight", (n_vocab, e), dense_q, 1.0)
     wr.add("output_norm.weight", (e,), QT.F32, kind="ones")
-    wr.add("output.weight", (n_vocab, e), dense_q, LOGIT_STD / np.sqrt(e))
+    if s.n_expert:                       # the target: a head whose argmax is next(current token)
+        assert dense_q == QT.Q8_0
+        wr.add("output.weight", (n_vocab, e), dense_q, WIN_LOGIT / e, kind="next")
+    else:
+        wr.add("output.weight", (n_vocab, e), dense_q, 4.0 / np.sqrt(e))
     for i in range(s.n_layer):
         p = f"blk.{i}."
         wr.add(p + "attn_norm.weight", (e,), QT.F32, kind="ones")
@@ -209,7 +253,8 @@ def write_one(path: Path, s: Shape, tok, n_vocab: int, name: str, seed: int) -> 
     wr = Writer(tmp, s.arch, seed)
     plan_model(wr, s, n_vocab)
     ftype = int(gguf.LlamaFileType.MOSTLY_Q4_K_M if s.n_expert else gguf.LlamaFileType.MOSTLY_Q8_0)
-    size = wr.write(lambda w: common_kv(w, s, name, ftype, tok))
+    types = next(np.asarray(v) for k, v, _, _ in tok if k == "tokenizer.ggml.token_type")
+    size = wr.write(lambda w: common_kv(w, s, name, ftype, tok), next_token_map(types, seed))
     os.replace(tmp, path)
     return size, time.perf_counter() - t
 

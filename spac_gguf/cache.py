@@ -1,8 +1,9 @@
 """ExpertCache: slot bookkeeping over the patched llama.cpp expert cache (the engine's SlotStore).
 
 The C side enforces exactness (a map may only name a slot whose copy finished and that holds that
-expert; a mapped or loading slot cannot be overwritten). This class keeps the Python view of which
-expert sits where, turns completed loads into published maps, and counts bytes.
+expert; a mapped or loading slot cannot be overwritten) and owns the slot ledger: in-pass loads change
+it during a decode, so `sync()` re-reads it after every pass and this class never guesses. It turns
+completed asynchronous loads into published maps, passes the in-pass policy down, and counts bytes.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from . import native
 
-EMPTY, LOADING, READY = 0, 1, 2
+EMPTY, LOADING, READY, MAPPED = native.SLOT_EMPTY, native.SLOT_LOADING, native.SLOT_READY, native.SLOT_MAPPED
 
 
 class ExpertCache:
@@ -18,7 +19,7 @@ class ExpertCache:
 
     def __init__(self, ctx_ptr, n_slots: int, on_host: bool = False):
         if not native.available():
-            raise native.NativeError("this llama.cpp build has no expert cache (unpatched?)", -6)
+            raise native.NativeError(native.unavailable_reason(), -6)
         self.ctx = ctx_ptr
         self.n_layers = native.api.n_layer(ctx_ptr)
         infos = [native.layer_info(ctx_ptr, il) for il in range(self.n_layers)]
@@ -34,22 +35,49 @@ class ExpertCache:
         self.slot_bytes = int(native.api.cache_bytes(ctx_ptr))
         L, S = self.n_layers, n_slots
         self.slot_expert = np.full((L, S), -1, np.int32)
-        self.state = np.zeros((L, S), np.int8)
-        self.mapped = np.zeros((L, S), bool)
+        self.state = np.zeros((L, S), np.int32)
         self._tickets: dict[int, tuple[int, int]] = {}
         self._dirty: set[int] = set()
         self.bytes_loaded = 0
         self.loads = 0
 
     # --- SlotStore protocol -------------------------------------------------------------------
+    @property
+    def mapped(self) -> np.ndarray:
+        return self.state == MAPPED
+
     def resident(self) -> np.ndarray:
         """int32 [n_layers, n_slots]: the expert whose copy is complete in each slot, -1 otherwise."""
-        return np.where(self.state == READY, self.slot_expert, -1).astype(np.int32)
+        return np.where(self.state >= READY, self.slot_expert, -1).astype(np.int32)
+
+    def sync(self) -> None:
+        """Re-read the ledger from the C side (in-pass loads change it during a decode)."""
+        se = np.empty(self.n_slots, np.int32)
+        st = np.empty(self.n_slots, np.int32)
+        for il in np.nonzero(self.cached_layers)[0]:
+            native.check("get_slots", native.api.cache_get_slots(self.ctx, int(il), se.ctypes.data, st.ctypes.data,
+                                                                 self.n_slots))
+            self.slot_expert[il] = se
+            self.state[il] = st
+
+    def set_inpass(self, share: float, max_loads: int, priority: np.ndarray | None, routed_bonus: float = 0.0) -> None:
+        """Every cached layer's in-pass policy for the coming passes: up to ceil(share x misses),
+        at most max_loads, loaded in decreasing priority [n_layers, n_expert] (< 0: never); a miss
+        takes the slot of a mapped expert whose priority is below its own + routed_bonus."""
+        pr = None if priority is None else np.ascontiguousarray(priority, np.float32)
+        for il in np.nonzero(self.cached_layers)[0]:
+            ptr = None if pr is None else pr[il].ctypes.data
+            native.check(f"set_inpass layer {il}",
+                         native.api.cache_set_inpass(self.ctx, int(il), int(max_loads), float(share),
+                                                     float(routed_bonus), ptr))
+
+    def counters(self) -> dict:
+        return native.counters(self.ctx)
 
     def load_async(self, layer: int, expert: int, slot: int) -> None:
         """Start copying `expert` into `slot`; a mapped victim is unmapped first (between decodes)."""
-        if self.mapped[layer, slot]:
-            self.mapped[layer, slot] = False
+        if self.state[layer, slot] == MAPPED:
+            self.state[layer, slot] = READY
             self._set_map(layer)
         ticket = native.check(f"load layer {layer} expert {expert} slot {slot}",
                               native.api.cache_load(self.ctx, layer, expert, slot))
@@ -73,7 +101,7 @@ class ExpertCache:
     def publish(self) -> None:
         """Map every ready slot (only between decodes)."""
         for layer in sorted(self._dirty):
-            self.mapped[layer] = self.state[layer] == READY
+            self.state[layer][self.state[layer] == READY] = MAPPED
             self._set_map(layer)
         self._dirty.clear()
 
@@ -85,7 +113,7 @@ class ExpertCache:
 
     def slot_of_expert(self, layer: int) -> np.ndarray:
         m = np.full(self.n_expert, -1, np.int32)
-        for s in np.nonzero(self.mapped[layer])[0]:
+        for s in np.nonzero(self.state[layer] == MAPPED)[0]:
             m[self.slot_expert[layer, s]] = s
         return m
 

@@ -104,7 +104,9 @@ def run(
     temp: float = typer.Option(0.0, "--temp", help="temperature; 0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed", "-s"),
-    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="K: tokens drafted per round"),
+    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="K: most tokens drafted per round"),
+    adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive",
+                                  help="choose K per round up to --draft-max (off: always --draft-max)"),
     ctx: int = typer.Option(2048, "-c", "--ctx-size"),
     threads: Optional[int] = typer.Option(None, "-t", "--threads"),
     gpu_layers: int = typer.Option(0, "-ngl", "--gpu-layers", "--n-gpu-layers"),
@@ -115,6 +117,11 @@ def run(
     hw: Optional[str] = typer.Option(None, "--hw", help="hardware profile (models.toml [hw.*])"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="trace for --policy static"),
     slots_on_host: bool = typer.Option(False, "--slots-on-host", help="keep cache slots in host memory"),
+    mmap: bool = typer.Option(True, "--mmap/--no-mmap",
+                              help="with -ngl: --no-mmap reads host experts into pinned memory (uploads at link speed)"),
+    inpass: Optional[bool] = typer.Option(None, "--inpass/--no-inpass",
+                                          help="copy a share of each pass's misses into GPU slots during the pass "
+                                               "(default: on for lru and spac with GPU slots)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end"),
     escape: bool = typer.Option(True, "--escape/--no-escape", "-e", help="process \\n, \\t, ... in the prompt"),
 ):
@@ -136,14 +143,14 @@ def run(
         raise UsageError("give --cache-slots or --budget, not both")
     p = load(tpath, dpath, n_gpu_layers=gpu_layers, n_ctx=ctx, n_threads=threads, policy=policy,
              cache_slots=cache_slots, budget=budget, hw=hw, calibration=calibration, draft_max=K,
-             slots_on_host=True if slots_on_host else None)
+             slots_on_host=True if slots_on_host else None, pinned_experts=False if mmap else None, inpass=inpass)
     if not p.is_moe:
         sys.stderr.write("spac-gguf: the target is dense (no routed experts): expert features are off\n")
     rec = TraceRecorder(p.trace_meta(K)) if trace else None
     toks, text = [], []
     last = None
     for tok in p.generate(prompt, max_tokens=n_predict, temperature=temp, top_p=top_p, seed=seed,
-                          draft_max=K if dpath else 0, recorder=rec):
+                          draft_max=K if dpath else 0, adaptive=adaptive, recorder=rec):
         toks.append(tok.token)
         text.append(tok.text)
         last = tok
@@ -162,6 +169,7 @@ def run(
         "tokens_per_second": stats.tokens_per_second if stats else 0.0,
         "routing": p.routing_info,
         "draft_max": K if dpath else 0,
+        "adaptive": bool(adaptive and dpath),
         "target": str(tpath), "draft": str(dpath) if dpath else None,
         "stats": stats.as_dict() if stats else None,
         "cache": p.cache_stats(),
@@ -170,9 +178,11 @@ def run(
         print(json.dumps(result))
     else:
         acc = "n/a" if result["acceptance_rate"] is None else f"{result['acceptance_rate']:.2f}"
+        ks = (f"K<={K} {dict(sorted(stats.k_counts.items()))}" if result["adaptive"] and stats
+              else f"K={result['draft_max']}")
         sys.stdout.write("\n")
         sys.stderr.write(f"[{len(toks)} tokens, {result['tokens_per_second']:.1f} tok/s, "
-                         f"{result['n_target_passes']} target passes, acceptance {acc}, K={result['draft_max']}]\n")
+                         f"{result['n_target_passes']} target passes, acceptance {acc}, {ks}]\n")
     p.close()
 
 

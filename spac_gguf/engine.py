@@ -1,16 +1,32 @@
 """Asynchronous Execution Engine: loads issued right after a verify overlap the draft; maps change
-only between decodes, and only to slots whose load has completed.
+only between decodes, and only to slots whose load has completed. With in-pass loads on, the C side
+also copies a share of each pass's misses into slots during the pass (ordered before the slot branch
+that computes them) and evicts by the policy's priority; the engine re-reads the ledger after it.
 
-    engine.after_verify(ids, accepted)   count hits of that verify, update the policy, plan, issue loads
-    engine.before_verify()               poll completed loads, publish maps (never an incomplete slot)
+    engine.after_verify(ids, accepted)   re-read the ledger, count hits of that verify, update the policy,
+                                         plan, issue loads
+    engine.before_verify()               poll completed loads, publish maps (never an incomplete slot),
+                                         hand the in-pass policy (share, priorities) to the C side
     engine.stats()                       policy, slots_per_layer, hits, misses, bytes_loaded, solve_us, fallbacks
 """
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class InPass:
+    """How a pass treats its misses: up to ceil(share x misses) (at most max_loads) are copied into
+    slots and computed on the GPU, the rest by the CPU. routed_bonus: inf evicts the least-priority
+    slot for any miss (LRU, the upstream design); 0 evicts only lower-utility experts (spac)."""
+    share: float = 1.0
+    max_loads: int = 1 << 20
+    routed_bonus: float = math.inf
 
 
 class SlotStore(Protocol):
@@ -26,16 +42,23 @@ class SlotStore(Protocol):
 
 
 class Engine:
-    def __init__(self, store: SlotStore, policy, load_budget_bytes: int):
+    def __init__(self, store: SlotStore, policy, load_budget_bytes: int, inpass: InPass | None = None):
         self.store, self.policy = store, policy
         self.load_budget_bytes = int(load_budget_bytes)
+        self.inpass = inpass
         L = store.n_layers
         self.inflight: dict[tuple[int, int], int] = {}        # (layer, slot) -> expert arriving
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
         self.hits = self.misses = self.bytes_loaded = 0
         self.solve_s: list[float] = []
 
+    def _sync(self) -> None:
+        sync = getattr(self.store, "sync", None)
+        if sync is not None:
+            sync()                                          # in-pass loads (any decode, prompts too) moved slots
+
     def before_verify(self) -> None:
+        self._sync()
         for key in self.store.poll():
             self.inflight.pop(key, None)
         self.store.publish()
@@ -43,8 +66,16 @@ class Engine:
         self.live[:] = False
         l, s = np.nonzero(res >= 0)
         self.live[l, res[l, s]] = True
+        if self.inpass is not None:
+            self.store.set_inpass(self.inpass.share, self.inpass.max_loads, self.priority(), self.inpass.routed_bonus)
+
+    def priority(self) -> np.ndarray:
+        """[n_layers, n_expert]: which experts deserve a slot (the estimator's utility, else the policy's score)."""
+        est = getattr(self.policy, "estimator", None)
+        return est.demand() if est is not None else self.policy.score()
 
     def after_verify(self, ids: np.ndarray, accepted: int) -> None:
+        self._sync()
         ids = np.asarray(ids, np.int32)
         ok = ids >= 0
         l = np.broadcast_to(np.arange(ids.shape[1])[None, :, None], ids.shape)

@@ -82,18 +82,42 @@ def ggml() -> ctypes.CDLL:
         lib.ggml_backend_cpu_buffer_type.argtypes = []
         lib.ggml_backend_tensor_get.restype = None
         lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        lib.ggml_backend_dev_host_buffer_type.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_host_buffer_type.argtypes = [ctypes.c_void_p]
         _GGML = lib
     return _GGML
+
+
+def pinned_host_buffer_type() -> int | None:
+    """The first GPU's pinned host buffer type (CUDA_Host), or None without a GPU: host memory the
+    GPU copies from at link speed (pageable memory goes through a bounce buffer at a tenth of it)."""
+    libdir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llc.__file__).parent / "lib")
+    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
+        if (libdir / name).exists():
+            reg = ctypes.CDLL(str(libdir / name))
+            break
+    else:
+        return None
+    reg.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    reg.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    dev = reg.ggml_backend_dev_by_type(1)            # GGML_BACKEND_DEVICE_TYPE_GPU
+    if not dev:
+        return None
+    buft = ggml().ggml_backend_dev_host_buffer_type(dev)
+    return buft or None
 
 
 @dataclass
 class Placement:
     """Where the weights live. `experts_on_cpu` keeps routed experts in (mmapped) CPU memory: those of
-    every layer, or only of `cpu_expert_layers` when given."""
+    every layer, or only of `cpu_expert_layers` when given. `pinned_experts` puts those host experts in
+    the GPU's pinned host memory instead (read from the file, no mmap: llama.cpp's `--no-mmap`), so
+    expert uploads run at link speed; without a GPU it changes nothing."""
     n_gpu_layers: int = 0
     experts_on_cpu: bool = False
     use_mmap: bool = True
     cpu_expert_layers: tuple[int, ...] | None = None
+    pinned_experts: bool = False
 
 
 class LlamaModel:
@@ -105,13 +129,15 @@ class LlamaModel:
         self.placement = placement or Placement()
         params = llc.llama_model_default_params()
         params.n_gpu_layers = self.placement.n_gpu_layers
-        params.load_mode = 1 if self.placement.use_mmap else 0   # LLAMA_LOAD_MODE_MMAP / NONE
+        pinned = pinned_host_buffer_type() if self.placement.pinned_experts and self.placement.experts_on_cpu else None
+        self.pinned = pinned is not None
+        params.load_mode = 1 if self.placement.use_mmap and not pinned else 0   # LLAMA_LOAD_MODE_MMAP / NONE
         params.use_extra_bufts = False       # CPU_REPACK changes the byte layout and disables op offload
         self._overrides = None
         if self.placement.experts_on_cpu:
             arr = (_BuftOverride * 2)()
             arr[0].pattern = expert_pattern(self.placement.cpu_expert_layers).encode()
-            arr[0].buft = ggml().ggml_backend_cpu_buffer_type()
+            arr[0].buft = pinned or ggml().ggml_backend_cpu_buffer_type()
             arr[1].pattern = None
             arr[1].buft = None
             self._overrides = arr

@@ -1,5 +1,6 @@
-"""ctypes bindings for our llama.cpp patch: the MoE expert cache and routing export (llama.h,
-"MoE expert cache"). Present only in our build; `available()` says whether libllama has them."""
+"""ctypes bindings for our llama.cpp patch: the MoE expert cache, in-pass loads, routing export and
+replay (llama.h, "MoE expert cache"). Present only in our build; `available()` says whether libllama
+has them at the API version this package speaks (API_VERSION)."""
 from __future__ import annotations
 
 import ctypes
@@ -9,6 +10,8 @@ import numpy as np
 import llama_cpp.llama_cpp as llc
 
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
+API_VERSION = 2  # LLAMA_MOE_API_VERSION this package was written against
+SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_MAPPED = 0, 1, 2, 3   # llama_moe_slot_state
 
 STATUS = {
     0: "ok", -1: "layer out of range or not cacheable", -2: "slot out of range", -3: "expert out of range",
@@ -45,11 +48,33 @@ _SIGS = {
     "llama_moe_routing_enable": ([ctypes.c_void_p, ctypes.c_bool], ctypes.c_int32),
     "llama_moe_routing_n_rows": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_moe_routing_get": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
+    "llama_moe_api_version": ([], ctypes.c_int32),
+    "llama_moe_cache_set_inpass": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_float,
+                                    ctypes.c_void_p], ctypes.c_int32),
+    "llama_moe_cache_get_slots": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32],
+                                  ctypes.c_int32),
+    "llama_moe_cache_counters": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
+    "llama_moe_routing_replay": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
 }
 
 
+def library_version() -> int:
+    """LLAMA_MOE_API_VERSION of the loaded libllama: 0 without the patch, 1 before the version call."""
+    if hasattr(_lib, "llama_moe_api_version"):
+        return int(api.api_version())
+    return 1 if hasattr(_lib, "llama_moe_cache_init") else 0
+
+
 def available() -> bool:
-    return all(hasattr(_lib, name) for name in _SIGS)
+    return all(hasattr(_lib, name) for name in _SIGS) and library_version() == API_VERSION
+
+
+def unavailable_reason() -> str:
+    v = library_version()
+    if v == 0:
+        return "this llama.cpp build has no expert cache (unpatched?)"
+    return (f"libllama speaks expert-cache API {v}, this package needs {API_VERSION}: "
+            "rebuild it with `make setup` (scripts/build_llama.py)")
 
 
 class _Api:
@@ -68,6 +93,23 @@ def check(what: str, rc: int) -> int:
     if rc < 0:
         raise NativeError(what, rc)
     return rc
+
+
+def counters(ctx_ptr) -> dict:
+    """In-pass and asynchronous loads since cache_init (count, bytes)."""
+    out = (ctypes.c_uint64 * 4)()
+    check("cache_counters", api.cache_counters(ctx_ptr, out, 4))
+    return {"inpass_loads": int(out[0]), "inpass_bytes": int(out[1]),
+            "async_loads": int(out[2]), "async_bytes": int(out[3])}
+
+
+def replay(ctx_ptr, il: int, ids: np.ndarray | None) -> None:
+    """Layer il's next decodes use `ids` [rows, k] instead of the router's top-k (None: off)."""
+    if ids is None:
+        check(f"routing_replay layer {il}", api.routing_replay(ctx_ptr, il, None, 0))
+        return
+    a = np.ascontiguousarray(ids, np.int32)
+    check(f"routing_replay layer {il}", api.routing_replay(ctx_ptr, il, a.ctypes.data, a.shape[0]))
 
 
 def layer_info(ctx_ptr, il: int) -> LayerInfo:

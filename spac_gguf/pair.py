@@ -98,7 +98,8 @@ class ModelPair:
                  routing: str = "auto", policy: str = "none", cache_slots: int | None = None,
                  budget: str | None = None, hw: str | None = None, calibration: str | Path | None = None,
                  draft_max: int = 4, slots_on_host: bool | None = None,
-                 cpu_expert_layers: tuple[int, ...] | None = None):
+                 cpu_expert_layers: tuple[int, ...] | None = None, pinned_experts: bool | None = None,
+                 inpass: bool | None = None):
         self.target_path, self.draft_path = str(target), (str(draft) if draft else None)
         self.layout = _describe(target, "target")
         self.draft_layout = _describe(draft, "draft") if draft else None
@@ -109,8 +110,11 @@ class ModelPair:
         if n_threads is None and wants_cache:
             # the cache's copy worker needs a core: an oversubscribed OpenMP barrier stalls every decode
             n_threads = max(1, (os.cpu_count() or 2) - 1)
+        if pinned_experts is None:                     # host experts feed GPU uploads: pin them (no mmap)
+            pinned_experts = n_gpu_layers != 0
         self.target = LlamaModel(target, Placement(n_gpu_layers, experts_on_cpu and self.is_moe,
-                                                   cpu_expert_layers=cpu_expert_layers))
+                                                   cpu_expert_layers=cpu_expert_layers,
+                                                   pinned_experts=pinned_experts))
         self.draft = LlamaModel(draft, Placement(n_gpu_layers)) if draft else None
         if self.draft is not None:
             _check_vocab(self.target, self.draft)
@@ -132,17 +136,18 @@ class ModelPair:
         self.cache, self.engine, self.policy_name = None, None, policy
         if wants_cache:
             self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max,
-                               slots_on_host if slots_on_host is not None else n_gpu_layers == 0)
+                               slots_on_host if slots_on_host is not None else n_gpu_layers == 0, inpass)
         self.verifier = TargetVerifier(self.target_ctx, self.routing, self.engine)
         # K per round; its cost and acceptance estimates outlive one generate() (same machine, same pair)
         self.draft_length = DraftLength() if self.draft is not None else None
         self.last_stats: Stats | None = None
 
-    def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool):
+    def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool,
+                      inpass: bool | None):
         """Expert cache + policy + asynchronous engine on the target context."""
-        from .balancer import InfeasibleBudget, slots_for_budget
+        from .balancer import InfeasibleBudget, inpass_share, slots_for_budget
         from .cache import ExpertCache
-        from .engine import Engine
+        from .engine import Engine, InPass
         from .hardware import load_profile
         from .policies import NAMES, make_policy
         from .sizes import parse_size
@@ -176,7 +181,18 @@ class ModelPair:
             raise InputError(f"expert cache: {e}") from None
         pol = make_policy(policy, self.cache.n_layers, self.cache.n_expert, self.cache.expert_bytes,
                           hw=profile, calibration=calib)
-        self.engine = Engine(self.cache, pol, profile.link_bytes_during_draft(max(draft_max, 1)))
+        # in-pass loads: misses copied into GPU slots during the pass. lru: every miss, evicting the least
+        # recent (the upstream llama.cpp design); spac: the share that balances CPU and link, evicting
+        # only lower-utility experts. Slots in host memory gain nothing from it (off by default there).
+        if inpass is None:
+            inpass = not on_host and policy in ("lru", "spac")
+        if inpass and policy not in ("lru", "lfu", "spac"):
+            raise InputError(f"--inpass needs a policy that ranks every expert (lru, lfu or spac), not {policy}")
+        ip = None
+        if inpass:
+            ip = (InPass(inpass_share(profile, self.cache.expert_bytes), routed_bonus=0.0) if policy == "spac"
+                  else InPass())
+        self.engine = Engine(self.cache, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip)
 
     @property
     def routing_info(self) -> dict | None:
@@ -246,7 +262,8 @@ class ModelPair:
         return {"policy": self.policy_name, "slots_per_layer": self.cache.n_slots, "hits": st["hits"],
                 "misses": st["misses"], "hit_rate": st.get("hit_rate"), "bytes_loaded": self.cache.bytes_loaded,
                 "slot_bytes": self.cache.slot_bytes, "mean_solve_us": st.get("solve_us"),
-                "fallbacks": st.get("fallbacks")}
+                "fallbacks": st.get("fallbacks"), "inpass": self.engine.inpass is not None,
+                **self.cache.counters()}
 
     def close(self) -> None:
         self.cache = self.engine = None

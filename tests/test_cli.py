@@ -113,6 +113,8 @@ def test_lru_cache_is_lossless_and_hits(qwen):
 def test_cache_bad_args(qwen):
     assert_clean_error(cli("run", str(qwen[0]), "--policy", "lru", "--cache-slots", "99", "-n", "2"), "cache-slots")
     assert_clean_error(cli("run", str(qwen[0]), "--policy", "static", "--cache-slots", "2", "-n", "2"), "calibration")
+    assert_clean_error(cli("run", str(qwen[0]), "--policy", "none", "--cache-slots", "2", "--inpass", "-n", "2"),
+                       "inpass")
 
 
 @pytest.mark.skipif(not native.available(), reason="needs our patched llama.cpp build")
@@ -124,12 +126,15 @@ def test_every_policy_is_lossless(qwen, tmp_path):
     plain = json.loads(cli(*base, "--trace", str(calib)).stdout)
     assert calib.exists()
     for extra in (["--policy", "static", "--calibration", str(calib)], ["--policy", "lfu"],
-                  ["--policy", "spac", "--hw", "laptop-pcie4x8"]):
+                  ["--policy", "spac", "--hw", "laptop-pcie4x8"], ["--policy", "lru", "--inpass"],
+                  ["--policy", "spac", "--hw", "laptop-pcie4x8", "--inpass"]):
         r = cli(*base, *extra, "--budget", "50%")
         assert r.returncode == 0, (extra, r.stderr)
         out = json.loads(r.stdout)
         assert out["tokens"] == plain["tokens"], extra
         assert out["cache"]["policy"] == extra[1] and out["cache"]["slots_per_layer"] == 4
+        assert out["cache"]["inpass"] == ("--inpass" in extra)
+        assert (out["cache"]["inpass_loads"] > 0) == ("--inpass" in extra), extra
 
 
 def test_prompt_escapes_like_llama_cpp():

@@ -107,3 +107,98 @@ def test_api_misuse_returns_error_codes(model):
     assert api.cache_poll(ctx.ptr, 10**9) == -9                            # unknown ticket
     assert api.cache_init(ctx.ptr, 2, True) == -10                          # one cache per context
     del cache
+
+
+def test_inpass_loads_are_exact_and_fill_slots(model, threads):
+    """In-pass loads (misses copied into slots during the pass, LRU-style eviction and a 50 % share
+    with priorities) leave logits bit-identical to the uncached context, and every slot they fill
+    holds the file's bytes of the expert the ledger names."""
+    m, lay = model
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    cache = ExpertCache(ctx.ptr, n_slots=3, on_host=True)
+    rng = np.random.default_rng(1)
+    raw = np.memmap(lay.path, dtype=np.uint8, mode="r")
+    toks = m.tokenize(PROMPTS[1])
+    assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
+    before = cache.counters()["inpass_loads"]
+    for step in range(24):
+        prio = rng.random((cache.n_layers, cache.n_expert)).astype(np.float32)
+        share, bonus = (1.0, np.inf) if step % 2 else (0.5, 0.0)
+        cache.set_inpass(share, 1 << 20, prio, bonus)
+        chunk = [int(t) for t in rng.integers(100, 1000, size=1 + step % 6)]
+        assert np.array_equal(ref.decode(chunk, "all"), ctx.decode(chunk, "all")), f"step {step}"
+        cache.sync()
+        assert (cache.state[cache.cached_layers] != 1).all()               # in-pass copies are complete
+    assert cache.counters()["inpass_loads"] > before
+    for il in np.nonzero(cache.cached_layers)[0][:2]:
+        for s in np.nonzero(cache.mapped[il])[0]:
+            e = int(cache.slot_expert[il, s])
+            off, n = lay.expert_offset(int(il), e, "down")
+            assert cache.read_slot(int(il), int(s), 2, n) == raw[off:off + n].tobytes()
+    cache.set_inpass(1.0, 0, None)                                          # off: the ledger stops moving
+    n0 = cache.counters()["inpass_loads"]
+    ctx.decode([int(toks[0])], "last")
+    assert cache.counters()["inpass_loads"] == n0
+
+
+def test_inpass_respects_priority_and_share(model, threads):
+    """priority < 0 never loads; with share 0 nothing loads; a miss only evicts lower priority."""
+    m, lay = model
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    cache = ExpertCache(ctx.ptr, n_slots=2, on_host=True)
+    toks = m.tokenize(PROMPTS[0])
+    never = np.full((cache.n_layers, cache.n_expert), -1.0, np.float32)
+    cache.set_inpass(1.0, 1 << 20, never, np.inf)
+    ctx.decode(toks, "last")
+    assert cache.counters()["inpass_loads"] == 0
+    cache.set_inpass(0.0, 1 << 20, np.ones_like(never), np.inf)
+    ctx.decode(toks[:3], "last")
+    assert cache.counters()["inpass_loads"] == 0
+    # fill the slots with priority 1, then misses of priority 0.5 and no bonus must not evict them
+    cache.set_inpass(1.0, 1 << 20, np.ones_like(never), np.inf)
+    ctx.decode(toks[:4], "last")
+    cache.sync()
+    held = cache.slot_expert.copy()
+    assert (held[cache.cached_layers] >= 0).all()
+    low = np.full_like(never, 0.5)
+    low[np.arange(cache.n_layers)[:, None], np.maximum(held, 0)] = 1.0
+    cache.set_inpass(1.0, 1 << 20, low, 0.0)
+    ctx.decode([int(t) for t in np.random.default_rng(3).integers(100, 1000, 8)], "last")
+    cache.sync()
+    assert np.array_equal(cache.slot_expert, held)
+
+
+def test_routing_replay_computes_the_given_experts(model, threads):
+    """Replaying the router's own choice is bit-identical; replaying other ids makes the export report
+    exactly those ids and changes the logits; off restores the router."""
+    m, lay = model
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    k = lay.n_expert_used
+    r_ref = native.NativeRouting(ref.ptr, m.n_layer, k)
+    r_ctx = native.NativeRouting(ctx.ptr, m.n_layer, k)
+    toks = m.tokenize(PROMPTS[2])[:6]
+    a = ref.decode(toks, "all")
+    own = r_ref.end(len(toks))
+    for il in lay.moe_layers:
+        native.replay(ctx.ptr, il, own[:, il])
+    assert np.array_equal(ctx.decode(toks, "all"), a)
+    ctx.reset()
+    rng = np.random.default_rng(5)
+    other = np.stack([np.stack([rng.permutation(lay.n_expert)[:k] for _ in lay.moe_layers], 0) for _ in toks], 0)
+    for j, il in enumerate(lay.moe_layers):
+        native.replay(ctx.ptr, il, other[:, j])
+    b = ctx.decode(toks, "all")
+    got = r_ctx.end(len(toks))
+    assert np.array_equal(got[:, lay.moe_layers], other)
+    assert not np.array_equal(a, b)
+    for il in lay.moe_layers:
+        native.replay(ctx.ptr, il, None)
+    ctx.reset()
+    assert np.array_equal(ctx.decode(toks, "all"), a)
+    with pytest.raises(native.NativeError):
+        native.replay(ctx.ptr, lay.moe_layers[0], np.full((1, k), lay.n_expert, np.int32))   # out of range
+    if k > 1:
+        with pytest.raises(native.NativeError):
+            native.replay(ctx.ptr, lay.moe_layers[0], np.zeros((1, k), np.int32))          # repeated id
