@@ -19,8 +19,8 @@ Systems (all from our build; (1)-(3) run with the expert cache off):
 
 Every system with host experts keeps them in pinned host memory (--no-pinned: mmap). The cache systems
 use in-pass loads (--no-inpass: off): `sd_lru`/`lru_ar` upload every miss and evict by recency (the
-upstream llama.cpp design), `spac`/`spac_ar` upload the share of the misses that balances the CPU and
-the link (balancer.inpass_share of the hardware profile) and evict by the estimator's utility.
+upstream llama.cpp design), `spac`/`spac_ar` upload every miss but evict only experts of lower utility
+(the estimator's) and prefetch by the MIP every 4th pass (pair.py says why).
 
 Routing (--routing): `model` (the random model's own router) or a replayed trace from
 spac_gguf.locality (`random`, `qwen3-calibrated`, `high-skew`): every decode of every system computes

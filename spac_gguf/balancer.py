@@ -287,15 +287,3 @@ def _loads_for(cached: np.ndarray, res: np.ndarray, resident: np.ndarray, d: np.
     l, i = np.nonzero(np.arange(S)[None, :] < n_new[:, None])
     return list(zip(l.tolist(), new[l, i].tolist(), free[l, i].tolist()))
 
-
-def inpass_share(hw: HardwareProfile, expert_bytes: int, rows_per_expert: float = 1.0) -> float:
-    """Share of a pass's misses to copy over the link and run on the GPU so both pipes finish together.
-
-    One miss costs the CPU c = B/cpu_bw + r·t_cpu and the GPU u = B/link_bw + r·t_gpu (r rows). With m
-    misses and a share s on the GPU the pass waits max((1 − s)·m·c, s·m·u), smallest at s = c / (c + u).
-    The in-pass plan in the patch applies it to the misses it sees, highest utility first."""
-    hw.require_complete()
-    scale = hw.row_scale(expert_bytes)
-    c = expert_bytes / (hw.cpu_expert_gbps * 1e9) + rows_per_expert * hw.cpu_s_per_expert_token * scale
-    u = expert_bytes / (hw.link_gbps * 1e9) + rows_per_expert * hw.gpu_s_per_expert_token * scale
-    return float(c / (c + u))

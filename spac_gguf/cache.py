@@ -51,25 +51,22 @@ class ExpertCache:
         return np.where(self.state >= READY, self.slot_expert, -1).astype(np.int32)
 
     def sync(self) -> None:
-        """Re-read the ledger from the C side (in-pass loads change it during a decode)."""
-        se = np.empty(self.n_slots, np.int32)
-        st = np.empty(self.n_slots, np.int32)
-        for il in np.nonzero(self.cached_layers)[0]:
-            native.check("get_slots", native.api.cache_get_slots(self.ctx, int(il), se.ctypes.data, st.ctypes.data,
-                                                                 self.n_slots))
-            self.slot_expert[il] = se
-            self.state[il] = st
+        """Re-read the ledger from the C side (in-pass loads change it during a decode): one call."""
+        native.check("get_slots", native.api.cache_get_slots(self.ctx, -1, self.slot_expert.ctypes.data,
+                                                             self.state.ctypes.data, self.slot_expert.size))
 
     def set_inpass(self, share: float, max_loads: int, priority: np.ndarray | None, routed_bonus: float = 0.0) -> None:
         """Every cached layer's in-pass policy for the coming passes: up to ceil(share x misses),
         at most max_loads, loaded in decreasing priority [n_layers, n_expert] (< 0: never); a miss
         takes the slot of a mapped expert whose priority is below its own + routed_bonus."""
-        pr = None if priority is None else np.ascontiguousarray(priority, np.float32)
-        for il in np.nonzero(self.cached_layers)[0]:
-            ptr = None if pr is None else pr[il].ctypes.data
-            native.check(f"set_inpass layer {il}",
-                         native.api.cache_set_inpass(self.ctx, int(il), int(max_loads), float(share),
-                                                     float(routed_bonus), ptr))
+        pr = None
+        if priority is not None:
+            pr = np.ascontiguousarray(priority, np.float32)
+            if pr.shape != (self.n_layers, self.n_expert):
+                raise ValueError(f"priority must be [{self.n_layers}, {self.n_expert}], got {list(pr.shape)}")
+        native.check("set_inpass", native.api.cache_set_inpass(self.ctx, -1, int(max_loads), float(share),
+                                                               float(routed_bonus),
+                                                               None if pr is None else pr.ctypes.data))
 
     def counters(self) -> dict:
         return native.counters(self.ctx)

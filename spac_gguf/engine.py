@@ -42,10 +42,14 @@ class SlotStore(Protocol):
 
 
 class Engine:
-    def __init__(self, store: SlotStore, policy, load_budget_bytes: int, inpass: InPass | None = None):
+    def __init__(self, store: SlotStore, policy, load_budget_bytes: int, inpass: InPass | None = None,
+                 plan_every: int = 1):
         self.store, self.policy = store, policy
         self.load_budget_bytes = int(load_budget_bytes)
         self.inpass = inpass
+        self.plan_every = max(1, int(plan_every))      # plan loads after every n-th pass (budget x n)
+        self._passes = 0
+        self._sent: np.ndarray | None = None            # the priority the C side holds
         L = store.n_layers
         self.inflight: dict[tuple[int, int], int] = {}        # (layer, slot) -> expert arriving
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
@@ -67,7 +71,10 @@ class Engine:
         l, s = np.nonzero(res >= 0)
         self.live[l, res[l, s]] = True
         if self.inpass is not None:
-            self.store.set_inpass(self.inpass.share, self.inpass.max_loads, self.priority(), self.inpass.routed_bonus)
+            pr = np.asarray(self.priority(), np.float32)
+            if self._sent is None or not np.array_equal(pr, self._sent):
+                self.store.set_inpass(self.inpass.share, self.inpass.max_loads, pr, self.inpass.routed_bonus)
+                self._sent = pr
 
     def priority(self) -> np.ndarray:
         """[n_layers, n_expert]: which experts deserve a slot (the estimator's utility, else the policy's score)."""
@@ -83,11 +90,14 @@ class Engine:
         self.hits += h
         self.misses += int(ok.sum()) - h
         self.policy.observe(ids, accepted)
+        self._passes += 1
+        if self._passes % self.plan_every:
+            return
 
         view = self.store.resident().copy()
         for (ll, s), e in self.inflight.items():
             view[ll, s] = e
-        budget = self.load_budget_bytes - len(self.inflight) * self.store.expert_bytes
+        budget = self.load_budget_bytes * self.plan_every - len(self.inflight) * self.store.expert_bytes
         t = time.perf_counter()
         loads = self.policy.plan(view, max(0, budget))
         self.solve_s.append(time.perf_counter() - t)

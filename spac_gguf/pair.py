@@ -145,7 +145,7 @@ class ModelPair:
     def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool,
                       inpass: bool | None):
         """Expert cache + policy + asynchronous engine on the target context."""
-        from .balancer import InfeasibleBudget, inpass_share, slots_for_budget
+        from .balancer import InfeasibleBudget, slots_for_budget
         from .cache import ExpertCache
         from .engine import Engine, InPass
         from .hardware import load_profile
@@ -182,17 +182,20 @@ class ModelPair:
         pol = make_policy(policy, self.cache.n_layers, self.cache.n_expert, self.cache.expert_bytes,
                           hw=profile, calibration=calib)
         # in-pass loads: misses copied into GPU slots during the pass. lru: every miss, evicting the least
-        # recent (the upstream llama.cpp design); spac: the share that balances CPU and link, evicting
-        # only lower-utility experts. Slots in host memory gain nothing from it (off by default there).
+        # recent (the upstream llama.cpp design); spac: every miss too, but it only evicts an expert whose
+        # utility is below the miss's + 1 (one certain use now), and the MIP's prefetch runs every 4th
+        # pass (in-pass loads cover the misses between). A CPU share of the misses lost on the H200 (share
+        # 0.55 from the profile's bandwidths: 50.6 vs 79.5 tok/s for lru, docs/BENCHMARKS.md), so none.
+        # Slots in host memory gain nothing from it (off by default there).
         if inpass is None:
             inpass = not on_host and policy in ("lru", "spac")
         if inpass and policy not in ("lru", "lfu", "spac"):
             raise InputError(f"--inpass needs a policy that ranks every expert (lru, lfu or spac), not {policy}")
         ip = None
         if inpass:
-            ip = (InPass(inpass_share(profile, self.cache.expert_bytes), routed_bonus=0.0) if policy == "spac"
-                  else InPass())
-        self.engine = Engine(self.cache, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip)
+            ip = InPass(routed_bonus=1.0) if policy == "spac" else InPass()
+        self.engine = Engine(self.cache, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
+                             plan_every=4 if ip is not None and policy == "spac" else 1)
 
     @property
     def routing_info(self) -> dict | None:

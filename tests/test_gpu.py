@@ -58,28 +58,33 @@ def test_logits_close_to_stock_cuda(files):
 
 
 def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files):
-    """Pinned host experts, in-pass loads every pass (half the misses, random priorities): logits stay
-    within 1e-3 of the stock CUDA path, and the slots the passes filled hold the file's bytes."""
+    """Pinned host experts, in-pass loads every pass (half the misses, random priorities): the logits
+    are as close to the stock CPU-expert path as the stock all-GPU path is (the GPU's expert kernels
+    quantise activations differently, so the oracle is that spread, or 1e-3), and the slots the passes
+    filled hold the file's bytes."""
     from spac_gguf import gguf_layout
     target, _ = files
     lay = gguf_layout.describe(target)
     m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True, pinned_experts=True))
+    m_gpu = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=False))
     assert m.pinned
     ref = LlamaContext(m, n_ctx=128)
+    ref_gpu = LlamaContext(m_gpu, n_ctx=128)
     ctx = LlamaContext(m, n_ctx=128)
     cache = ExpertCache(ctx.ptr, n_slots=4, on_host=False)
     rng = np.random.default_rng(1)
     toks = m.tokenize(PROMPTS[2])
-    a, b = ref.decode(toks, "all"), ctx.decode(toks, "all")
+    a, g, b = ref.decode(toks, "all"), ref_gpu.decode(toks, "all"), ctx.decode(toks, "all")
     for step in range(16):
         cache.set_inpass(0.5 if step % 2 else 1.0, 1 << 20,
                          rng.random((cache.n_layers, cache.n_expert)).astype(np.float32), np.inf if step % 3 else 0.0)
         rows = [int(np.argmax(a[-1]))] + [int(t) for t in rng.integers(100, 1000, step % 5)]
-        a2, b2 = ref.decode(rows, "all"), ctx.decode(rows, "all")
-        a, b = np.vstack([a, a2]), np.vstack([b, b2])
+        a2, g2, b2 = ref.decode(rows, "all"), ref_gpu.decode(rows, "all"), ctx.decode(rows, "all")
+        a, g, b = np.vstack([a, a2]), np.vstack([g, g2]), np.vstack([b, b2])
         cache.sync()
-    rel = np.abs(a - b).max() / np.abs(a).max()
-    assert rel < 1e-3, rel
+    scale = np.abs(a).max()
+    rel, spread = np.abs(a - b).max() / scale, np.abs(a - g).max() / scale
+    assert rel < max(1e-3, 2.0 * spread), (rel, spread)
     assert cache.counters()["inpass_loads"] > 0
     raw = np.memmap(lay.path, dtype=np.uint8, mode="r")
     il = int(np.nonzero(cache.cached_layers)[0][0])
