@@ -15,6 +15,8 @@ Systems (all from our build; (1)-(3) run with the expert cache off):
                    (recorded here, on a different prompt, with plain decoding of the target)
   spac             speculative + expert cache, the SpAc policy (estimator + balancer)
   lru_ar, spac_ar  the same caches with plain decoding (K = 0)
+  spac_ak          spac with K chosen per round in 0..--draft-max (spac_gguf.draft_length; the controller
+                   learns on the warm-up run and keeps learning; its K histogram is in the row)
   llama_ar_gpu     reference only: every weight on the GPU (the dense-part / all-GPU bound)
 
 Every system with host experts keeps them in pinned host memory (--no-pinned: mmap). The cache systems
@@ -71,11 +73,13 @@ from spac_gguf.sampling import Sampler  # noqa: E402
 from spac_gguf.speculative import Drafter, generate as spec_generate  # noqa: E402
 
 AR_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_ar_gpu")
-SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac")
-CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac", "lru_ar": "lru", "spac_ar": "spac"}
-ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "lru_ar", "spac_ar",
-               "llama_ar_gpu")
-BUDGETED = ("llama_ar_layers", "sd_lru", "sd_static", "spac", "lru_ar", "spac_ar")
+SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak")
+ADAPTIVE = ("spac_ak",)
+CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac", "lru_ar": "lru", "spac_ar": "spac",
+                "spac_ak": "spac"}
+ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "lru_ar",
+               "spac_ar", "llama_ar_gpu")
+BUDGETED = ("llama_ar_layers", "sd_lru", "sd_static", "spac", "spac_ak", "lru_ar", "spac_ar")
 ROUTINGS = ("model", "random", "qwen3-calibrated", "high-skew")
 
 PROMPTS = [
@@ -242,8 +246,8 @@ def cache_counters(pair: ModelPair) -> dict:
 
 
 def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
-             oracle: tuple | None, replay: np.ndarray | None = None) -> tuple[list[int], dict]:
-    """One greedy generation of exactly n tokens; K = 0 is plain decoding."""
+             oracle: tuple | None, replay: np.ndarray | None = None, adaptive: bool = False) -> tuple[list[int], dict]:
+    """One greedy generation of exactly n tokens; K = 0 is plain decoding; adaptive: K per round up to K."""
     pair.target_ctx.reset()
     probe.replay = replay
     drafter = None
@@ -256,7 +260,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
     n0 = pair.cache.counters() if pair.cache is not None and native.available() else None
     out, st = [], None
     for step in spec_generate(pair.verifier, drafter, prompt, max_tokens=n, draft_max=K,
-                              sampler=Sampler(temperature=0.0), is_eog=lambda t: False):
+                              sampler=Sampler(temperature=0.0), is_eog=lambda t: False,
+                              draft_length=pair.draft_length if adaptive else None):
         out.append(step.token)
         st = step.stats
     c1 = cache_counters(pair)
@@ -267,7 +272,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "tps": st.tokens_per_second, "n_generated": st.n_generated, "passes": st.n_target_passes,
         "rows": int(sum(probe.rows)),
         "acceptance": (drafter.accepted / drafter.examined) if drafter and drafter.examined else None,
-        "acceptance_rate": st.acceptance_rate,
+        "acceptance_rate": st.acceptance_rate, "k_histogram": dict(st.k_counts),
         "diverged_at": drafter.diverged_at if drafter else None,
         "hits": c1["hits"] - c0["hits"], "misses": c1["misses"] - c0["misses"], "bytes_copied": c1["bytes"] - c0["bytes"],
         "unique_experts": int(sum(probe.unique)), "uncached_experts": int(sum(probe.uncached)),
@@ -562,6 +567,11 @@ def aggregate(runs: list[dict]) -> dict:
     ar = [r["acceptance_rate"] for r in runs if r["acceptance_rate"] is not None]
     agg["acceptance_rate"] = float(np.mean(ar)) if ar else None
     agg["diverged"] = [r["diverged_at"] for r in runs if r["diverged_at"] is not None]
+    hist: dict = {}
+    for r in runs:
+        for k, c in r["k_histogram"].items():
+            hist[int(k)] = hist.get(int(k), 0) + c
+    agg["k_histogram"] = dict(sorted(hist.items()))
     agg["output_matches_reference"] = all(r["matches_reference"] for r in runs)
     agg["routing_seen"] = all(r["routing_seen"] for r in runs)
     agg["breakdown"] = {k: float(np.mean([r["breakdown"][k] for r in runs])) for k in runs[0]["breakdown"]}
@@ -752,7 +762,7 @@ def main(argv=None) -> int:
             K0 = a.draft_max if s in SD_SYSTEMS else 0
             # warm-up: one untimed run on the calibration prompt (kernels, page cache, cache fill)
             run_once(pair, probe, warm_prompt, a.tokens, K0, warm_oracle if K0 else None,
-                     replays[a.routings[0]][-1] if replays[a.routings[0]] else None)
+                     replays[a.routings[0]][-1] if replays[a.routings[0]] else None, s in ADAPTIVE)
             runs: dict[tuple, list] = {}
             for rep in range(a.repeats):
                 for routing in a.routings:
@@ -762,14 +772,16 @@ def main(argv=None) -> int:
                             continue
                         K = a.draft_max if acc is not None else 0
                         rp = replays[routing][rep] if replays[routing] else None
-                        toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None, rp)
+                        toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None, rp,
+                                           s in ADAPTIVE)
                         m["matches_reference"] = toks == conts[rep]
                         runs.setdefault((routing, acc), []).append(m)
             for (routing, acc), rs in runs.items():
                 r = {"system": s, "budget": info["budget"] if info["budget"] is not None else b,
                      "budget_actual": info.get("budget_actual"), "acceptance_target": acc,
                      "routing": routing, "drafter": DRAFTER_LABEL if acc is not None else None,
-                     "draft_max": a.draft_max if acc is not None else 0, **aggregate(rs), "config": info}
+                     "draft_max": a.draft_max if acc is not None else 0, "adaptive": s in ADAPTIVE,
+                     **aggregate(rs), "config": info}
                 if r["hit_rate"] is None:              # no cache: the share of routed entries whose experts sit on the GPU
                     r["hit_rate"] = float(r["budget_actual"] or 0.0)
                 if s == "llama_ar_gpu" and gpu_pass is None:

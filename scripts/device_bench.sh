@@ -7,7 +7,7 @@
 # the qwen2 vocab GGUF at $VOCAB (or one of the paths tried below).
 # Outputs: docs/bench/gpu-DATE.{json,md,png} and copies in "$OUT" (when set), plus bench.log.
 #
-# Knobs (env): VOCAB, SCALE (full|small), MODELS (default /tmp/spac-bench-$SCALE), BENCH_ARGS (extra bench_gpu.py flags,
+# Knobs (env): TAG (file name suffix), VOCAB, SCALE (full|small), MODELS (default /tmp/spac-bench-$SCALE), BENCH_ARGS (extra bench_gpu.py flags,
 # e.g. "--systems spac,sd_lru --repeats 5"), BUDGET_S (total seconds, default 570).
 set -euo pipefail
 T0=$(date +%s)
@@ -56,15 +56,15 @@ print('llama_cpp', llama_cpp.__version__, 'gpu', llama_backend.gpu_available(), 
   echo "== bench ($(( $(date +%s) - T0 )) s; time limit for new runs ${LEFT} s)"
   BENCH_DIR=${BENCH_DIR:-docs/bench}
   mkdir -p "$BENCH_DIR"
-  JSON=$BENCH_DIR/gpu-$DATE.json
+  JSON=$BENCH_DIR/gpu-$DATE${TAG:+-$TAG}.json
   timeout $(( LEFT + 50 )) $PY scripts/bench_gpu.py --target "$MODELS/bench-target.gguf" \
       --draft "$MODELS/bench-draft.gguf" --out "$JSON" --time-limit "$LEFT" ${BENCH_ARGS:-} || echo "bench exit $?"
 
   echo "== report ($(( $(date +%s) - T0 )) s)"
   if [ -f "$JSON" ]; then
     $PY scripts/report_gpu.py "$JSON" --out-dir "$BENCH_DIR" || echo "report exit $?"
-    if [ -n "$OUTDIR" ]; then
-      cp "$BENCH_DIR"/gpu-"$DATE".* "$OUTDIR"/ 2>/dev/null || true
+    if [ -n "$OUTDIR" ] && [ "$(cd "$BENCH_DIR" && pwd)" != "$(cd "$OUTDIR" && pwd)" ]; then
+      cp "$BENCH_DIR"/gpu-"$DATE${TAG:+-$TAG}".* "$OUTDIR"/ 2>/dev/null || true
     fi
   fi
   echo "== done in $(( $(date +%s) - T0 )) s"

@@ -12,7 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "llama_ar_gpu")
+ORDER = ("llama_ar_cpu", "llama_ar_layers", "lru_ar", "spac_ar", "llama_sd_cpu", "sd_lru", "sd_static", "spac",
+         "llama_ar_gpu")
+ROUTING_ORDER = ("qwen3-calibrated", "high-skew", "random", "model")
 GOALS = {"llama_sd_cpu": 1.6, "sd_lru": 1.3}
 
 
@@ -20,14 +22,20 @@ def _f(x, fmt="{:.2f}", none="–"):
     return none if x is None else fmt.format(x)
 
 
+def _routing(r):
+    return r.get("routing", "model")
+
+
 def _key(r):
-    return (ORDER.index(r["system"]) if r["system"] in ORDER else 99, r["budget"] or 0.0,
+    ro = _routing(r)
+    return (ROUTING_ORDER.index(ro) if ro in ROUTING_ORDER else 99,
+            ORDER.index(r["system"]) if r["system"] in ORDER else 99, r["budget"] or 0.0,
             r["acceptance_target"] if r["acceptance_target"] is not None else -1)
 
 
-def find(res, system, budget=None, acc=None):
+def find(res, system, budget=None, acc=None, routing=None):
     for r in res:
-        if r["system"] != system:
+        if r["system"] != system or (routing is not None and _routing(r) != routing):
             continue
         if budget is not None and r["system"] not in ("llama_ar_cpu", "llama_sd_cpu", "llama_ar_gpu") \
                 and abs((r["budget"] or 0) - budget) > 1e-9:
@@ -40,22 +48,25 @@ def find(res, system, budget=None, acc=None):
 
 def table(doc) -> str:
     res = sorted(doc["results"], key=_key)
-    head = ("| system | budget (actual) | a set | a meas. | tok/s median [min–max] | × SD-cpu | × AR-cpu | passes | "
-            "hit rate | copied MB | draft ms/tok | target decode ms/tok | engine ms/tok | roofline tok/s | % of roofline |")
+    head = ("| routing | system | budget (actual) | a set | a meas. | tok/s median [min–max] | × SD-cpu | × AR-cpu | passes | "
+            "hit rate | in-pass loads | copied MB | draft ms/tok | target decode ms/tok | engine ms/tok | roofline tok/s | "
+            "% of roofline |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    ar = find(res, "llama_ar_cpu")
     for r in res:
         n = r["n_generated"] or 1
         b = r["breakdown"]
-        sd = find(res, "llama_sd_cpu", acc=r["acceptance_target"]) if r["acceptance_target"] is not None else None
+        ar = find(res, "llama_ar_cpu", routing=_routing(r))
+        sd = (find(res, "llama_sd_cpu", acc=r["acceptance_target"], routing=_routing(r))
+              if r["acceptance_target"] is not None else None)
         x_sd = r["tps"] / sd["tps"] if sd else None
         x_ar = r["tps"] / ar["tps"] if ar else None
         roof = r.get("roofline") or {}
         lines.append(
-            f"| {r['system']} | {_f(r['budget'], '{:.0%}')} ({_f(r.get('budget_actual'), '{:.1%}')}) "
+            f"| {_routing(r)} | {r['system']} | {_f(r['budget'], '{:.0%}')} ({_f(r.get('budget_actual'), '{:.1%}')}) "
             f"| {_f(r['acceptance_target'])} | {_f(r['acceptance'])} "
             f"| {r['tps']:.2f} [{r['tps_min']:.2f}–{r['tps_max']:.2f}] | {_f(x_sd)} | {_f(x_ar)} "
-            f"| {r['passes']:.0f} | {_f(r['hit_rate'], '{:.1%}')} | {r['bytes_copied'] / 1e6:.0f} "
+            f"| {r['passes']:.0f} | {_f(r['hit_rate'], '{:.1%}')} | {r.get('inpass_loads', 0):.0f} "
+            f"| {(r['bytes_copied'] + r.get('inpass_bytes', 0)) / 1e6:.0f} "
             f"| {1e3 * b['draft_s'] / n:.1f} | {1e3 * b['target_decode_s'] / n:.1f} "
             f"| {1e3 * (b['engine_publish_s'] + b['engine_plan_s']) / n:.2f} "
             f"| {_f(roof.get('tps'))} | {_f(roof.get('fraction'), '{:.0%}')} |")
@@ -65,23 +76,28 @@ def table(doc) -> str:
 def ratios(doc) -> str:
     res = doc["results"]
     out = []
-    budgets = sorted({r["budget"] for r in res if r["system"] in ("sd_lru", "sd_static", "spac")})
+    budgets = sorted({r["budget"] for r in res if r["system"] in ("sd_lru", "sd_static", "spac", "spac_ar")})
     accs = sorted({r["acceptance_target"] for r in res if r["acceptance_target"] is not None})
-    for b in budgets:
-        for a in accs:
-            sp = find(res, "spac", b, a)
-            if not sp:
-                continue
-            parts = []
-            for other in ("llama_sd_cpu", "sd_lru", "sd_static", "llama_ar_cpu"):
-                o = find(res, other, b, a)
-                if o:
-                    g = GOALS.get(other)
-                    parts.append(f"{sp['tps'] / o['tps']:.2f}× {other}" + (f" (goal ≥ {g}×)" if g else ""))
-            roof = sp.get("roofline", {}).get("fraction")
-            if roof:
-                parts.append(f"{roof:.0%} of roofline (goal ≥ 80%)")
-            out.append(f"- spac at budget {b:.0%}, a = {a:.1f}: " + ", ".join(parts))
+    routings = sorted({_routing(r) for r in res}, key=lambda x: ROUTING_ORDER.index(x) if x in ROUTING_ORDER else 99)
+    for ro in routings:
+        for b in budgets:
+            for a in accs + [None]:
+                me = "spac" if a is not None else "spac_ar"
+                sp = find(res, me, b, a, ro)
+                if not sp or (a is None and sp["acceptance_target"] is not None):
+                    continue
+                parts = []
+                others = ("llama_sd_cpu", "sd_lru", "sd_static", "llama_ar_cpu") if a is not None else ("lru_ar", "llama_ar_cpu")
+                for other in others:
+                    o = find(res, other, b, a, ro)
+                    if o:
+                        g = GOALS.get(other) if a is not None else None
+                        parts.append(f"{sp['tps'] / o['tps']:.2f}× {other}" + (f" (goal ≥ {g}×)" if g else ""))
+                roof = sp.get("roofline", {}).get("split_fraction")
+                if roof:
+                    parts.append(f"{roof:.0%} of the split roofline (goal ≥ 80%)")
+                what = f"a = {a:.1f}" if a is not None else "K = 0"
+                out.append(f"- {ro}: {me} at budget {b:.0%}, {what}: " + ", ".join(parts))
     if not out:
         out.append("- no spac results (expert cache missing in this build?)")
     return "\n".join(out)
@@ -144,14 +160,17 @@ def render(doc, json_name: str, png_name: str, plot_note: str | None) -> str:
         f"Source: `{json_name}`. Target `{m['target']}` ({m['arch']}, {m['n_layer']} layers, {m['n_expert']} experts, "
         f"top-{m['k']}, {m['bytes_per_expert'] / 2**20:.2f} MiB per expert, experts {m['expert_bytes'] / 2**30:.2f} GiB, "
         f"dense {m['dense_bytes'] / 2**30:.2f} GiB); draft `{m['draft']}` ({m['draft_arch']}, {m['draft_layers']} layers). "
-        f"Weights are random: routing has no learned locality, so cache hit rates are close to the slot share.",
+        f"Weights: {m.get('weights', 'random')}. Routing per row: {md.get('routing', 'the model router')}. "
+        f"Host experts pinned: {md.get('pinned_experts', False)}; in-pass loads: {md.get('inpass', False)}.",
         f"Greedy, {md.get('tokens')} tokens per run, median of {md.get('repeats')} prompts, K = {md.get('draft_max')}; "
         f"drafts: **{md.get('drafter')}** (the target's own greedy continuation, each token replaced with probability "
         f"1 − a; the real draft model still runs every round). Expert cache: {doc.get('expert_cache')}. "
         f"Host: {doc.get('host_cpu')} ({doc.get('cpu_threads')} threads).",
         f"Bandwidths: DRAM read {_f(bw.get('dram_read_gbps'), '{:.1f}')} GB/s ({bw.get('dram_threads', '?')} threads), "
         f"PCIe H2D pinned {_f(pcie, '{:.1f}')} GB/s (one 2.65 MB expert: {_f(bw.get('pcie_h2d_pinned_2650KB_gbps'), '{:.1f}')} GB/s), "
-        f"pageable {_f(bw.get('pcie_h2d_pageable_gbps'), '{:.1f}')} GB/s" + (f" ({bw['pcie_note']})" if bw.get("pcie_note") else "") + ".",
+        f"pageable {_f(bw.get('pcie_h2d_pageable_gbps'), '{:.1f}')} GB/s" + (f" ({bw['pcie_note']})" if bw.get("pcie_note") else "")
+        + (f"; slot loads as the engine issues them {bw['slot_upload_gbps']:.1f} GB/s ({bw.get('slot_upload_source')})"
+           if bw.get("slot_upload_gbps") else "") + ".",
         "",
         table(doc),
         "",
