@@ -28,3 +28,13 @@ def arch(request) -> str:
 @pytest.fixture(scope="session")
 def pair_files(arch):
     return testmodels.make_pair(arch=arch, quant="Q8_0")
+
+
+@pytest.fixture(scope="module")
+def loaded(pair_files, threads):
+    """The arch's tiny pair loaded once per test module (target + draft, CPU)."""
+    from spac_gguf.pair import load
+    target, draft = pair_files
+    p = load(target, draft, n_ctx=256, n_threads=threads)
+    yield p
+    p.close()

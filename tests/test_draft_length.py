@@ -183,15 +183,6 @@ class RandomK(DraftLength):
         return int(self.rng.integers(0, limit + 1))
 
 
-@pytest.fixture(scope="module")
-def loaded(pair_files, threads):
-    from spac_gguf.pair import load
-    target, draft = pair_files
-    p = load(target, draft, n_ctx=256, n_threads=threads)
-    yield p
-    p.close()
-
-
 def test_adaptive_greedy_equals_target_alone(loaded):
     from conftest import PROMPTS
     for prompt in PROMPTS[:2]:

@@ -15,14 +15,6 @@ from conftest import PROMPTS
 N_TOKENS = 64
 
 
-@pytest.fixture(scope="module")
-def loaded(pair_files, threads):
-    target, draft = pair_files
-    p = load(target, draft, n_ctx=256, n_threads=threads)
-    yield p
-    p.close()
-
-
 def _tokens(p, prompt, K, **kw):
     """Exactly K drafts per round (adaptive K is tested in test_draft_length.py)."""
     return [t.token for t in p.generate(prompt, max_tokens=N_TOKENS, draft_max=K, adaptive=False,
