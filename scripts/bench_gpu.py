@@ -68,6 +68,7 @@ import llama_cpp  # noqa: E402
 
 from spac_gguf import gguf_layout, llama_backend, locality, native  # noqa: E402
 from spac_gguf.hardware import measure_cpu_stream_gbps  # noqa: E402
+from spac_gguf.engine import InPass  # noqa: E402
 from spac_gguf.pair import ModelPair  # noqa: E402
 from spac_gguf.sampling import Sampler  # noqa: E402
 from spac_gguf.speculative import Drafter, generate as spec_generate  # noqa: E402
@@ -358,7 +359,8 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         pair = ModelPair(a.target, draft, experts_on_cpu=True, routing="auto", policy=pol,
                          budget=f"{budget * 100:g}%", hw=a.hw, draft_max=a.draft_max,
                          calibration=calib_path if pol == "static" else None,
-                         inpass=a.inpass and pol in ("lru", "spac"), **kw)
+                         inpass=(InPass(share=a.spac_share, routed_bonus=1.0) if a.inpass and pol == "spac"
+                                 and a.spac_share is not None else a.inpass and pol in ("lru", "spac")), **kw)
         info.update(slots_per_layer=pair.cache.n_slots, inpass=str(pair.engine.inpass),
                     budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
                     policy=pol, hw=a.hw)
@@ -608,6 +610,8 @@ def main(argv=None) -> int:
                     help=f"comma list of {', '.join(ROUTINGS)} (model: no replay)")
     ap.add_argument("--no-pinned", dest="pinned", action="store_false", help="host experts mmapped, not pinned")
     ap.add_argument("--no-inpass", dest="inpass", action="store_false", help="cache systems without in-pass loads")
+    ap.add_argument("--spac-share", type=float, default=None,
+                    help="spac's in-pass share of a pass's misses (default 1: every miss; the rest run on the CPU)")
     a = ap.parse_args(argv)
     if a.measure_bw:
         print(json.dumps(measure_bandwidths()))

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import gguf_layout, native
 from .draft_length import DraftLength
+from .engine import InPass
 from .llama_backend import LlamaContext, LlamaModel, Placement
 from .routing import EvalCallbackRouting, RoutingSource
 from .sampling import Sampler
@@ -99,7 +100,7 @@ class ModelPair:
                  budget: str | None = None, hw: str | None = None, calibration: str | Path | None = None,
                  draft_max: int = 4, slots_on_host: bool | None = None,
                  cpu_expert_layers: tuple[int, ...] | None = None, pinned_experts: bool | None = None,
-                 inpass: bool | None = None):
+                 inpass: "bool | InPass | None" = None):
         self.target_path, self.draft_path = str(target), (str(draft) if draft else None)
         self.layout = _describe(target, "target")
         self.draft_layout = _describe(draft, "draft") if draft else None
@@ -143,7 +144,7 @@ class ModelPair:
         self.last_stats: Stats | None = None
 
     def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool,
-                      inpass: bool | None):
+                      inpass: "bool | InPass | None"):
         """Expert cache + policy + asynchronous engine on the target context."""
         from .balancer import InfeasibleBudget, slots_for_budget
         from .cache import ExpertCache
@@ -192,7 +193,9 @@ class ModelPair:
         if inpass and policy not in ("lru", "lfu", "spac"):
             raise InputError(f"--inpass needs a policy that ranks every expert (lru, lfu or spac), not {policy}")
         ip = None
-        if inpass:
+        if isinstance(inpass, InPass):
+            ip = inpass
+        elif inpass:
             ip = InPass(routed_bonus=1.0) if policy == "spac" else InPass()
         self.engine = Engine(self.cache, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
                              plan_every=4 if ip is not None and policy == "spac" else 1)
