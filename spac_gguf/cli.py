@@ -103,7 +103,7 @@ def run(
     n_predict: int = typer.Option(64, "-n", "--n-predict", help="tokens to generate"),
     temp: float = typer.Option(0.0, "--temp", help="temperature; 0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed", "-s"),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="sampling seed; -1 = random (as in llama.cpp)"),
     draft_max: Optional[int] = typer.Option(None, "--draft-max", help="K: most tokens drafted per round"),
     adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive",
                                   help="choose K per round up to --draft-max (off: always --draft-max)"),
@@ -134,6 +134,9 @@ def run(
         raise UsageError(f"--draft-max must be >= 0 (got {draft_max})")
     if ctx < 16:
         raise UsageError(f"-c must be >= 16 (got {ctx})")
+    if seed is not None and seed < -1:
+        raise UsageError(f"--seed must be >= -1 (got {seed})")
+    seed = None if seed == -1 else seed
     target = target or model
     if escape:
         prompt = unescape(prompt)
@@ -158,6 +161,11 @@ def run(
             sys.stdout.write(tok.text)
             sys.stdout.flush()
     stats = last.stats if last else None
+    for note in p.notices:
+        sys.stderr.write(f"spac-gguf: {note}\n")
+    if stats is not None and stats.stop_reason == "context":
+        sys.stderr.write(f"spac-gguf: context full after {stats.n_generated} generated tokens "
+                         f"({stats.n_prompt} prompt + {stats.n_generated} = n_ctx {p.target_ctx.n_ctx}): raise -c\n")
     if rec is not None:
         tr = rec.trace()
         tr.meta["prompt_tokens"] = stats.n_prompt if stats else 0

@@ -152,7 +152,12 @@ class LlamaModel:
         self.n_embd = llc.llama_model_n_embd(ptr)
         self.add_bos = bool(llc.llama_vocab_get_add_bos(self.vocab))
 
+    def _check_open(self) -> None:
+        if not getattr(self, "ptr", None):
+            raise BackendError(f"model {self.path} is closed")
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self._check_open()
         data = text.encode("utf-8")
         cap = len(data) + 16
         buf = (llc.llama_token * cap)()
@@ -164,6 +169,7 @@ class LlamaModel:
         return list(buf[:n])
 
     def token_bytes(self, token: int) -> bytes:
+        self._check_open()
         buf = ctypes.create_string_buffer(64)
         n = llc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
         if n < 0:
@@ -175,6 +181,7 @@ class LlamaModel:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
+        self._check_open()
         return bool(llc.llama_vocab_is_eog(self.vocab, token))
 
     def meta(self, key: str) -> str | None:
@@ -221,9 +228,12 @@ class LlamaContext:
             raise BackendError("llama.cpp could not create a context (n_ctx too large for memory?)")
         self.ptr = ptr
         self.n_ctx = llc.llama_n_ctx(ptr)
-        self.n_batch = n_batch
+        self.n_ctx_requested = n_ctx
+        # the context's own limit (llama.cpp caps n_batch at the requested n_ctx, then pads n_ctx up):
+        # one llama_decode must never carry more rows, or llama.cpp aborts
+        self.n_batch = int(llc.llama_n_batch(ptr))
         self.mem = llc.llama_get_memory(ptr)
-        self.batch = llc.llama_batch_init(n_batch, 0, 1)
+        self.batch = llc.llama_batch_init(self.n_batch, 0, 1)
         self.n_past = 0                     # tokens whose KV is in the cache (positions 0..n_past-1)
 
     def decode(self, tokens: list[int], logits: str | list[int] = "last") -> np.ndarray:
@@ -232,6 +242,7 @@ class LlamaContext:
         `logits`: "last", "all", or a list of row indices within `tokens`.
         Long inputs are split into n_batch chunks; only the requested rows are returned.
         """
+        self._check_open()
         n = len(tokens)
         if n == 0:
             raise ValueError("decode of zero tokens")
@@ -270,14 +281,20 @@ class LlamaContext:
             return np.zeros((0, self.model.n_vocab), np.float32)
         return np.concatenate(out, axis=0) if len(out) > 1 else out[0]
 
+    def _check_open(self) -> None:
+        if not getattr(self, "ptr", None):
+            raise BackendError("this llama context is closed")
+
     def rollback(self, n_past: int) -> None:
         """Forget every position >= n_past (rejected draft tokens)."""
+        self._check_open()
         if n_past < self.n_past:
             if not llc.llama_memory_seq_rm(self.mem, 0, n_past, -1):
                 raise BackendError("KV rollback failed")
             self.n_past = n_past
 
     def reset(self) -> None:
+        self._check_open()
         llc.llama_memory_clear(self.mem, True)
         self.n_past = 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from . import gguf_layout, native
 from .draft_length import DraftLength
 from .engine import InPass
-from .llama_backend import LlamaContext, LlamaModel, Placement
+from .llama_backend import BackendError, LlamaContext, LlamaModel, Placement
 from .routing import EvalCallbackRouting, RoutingSource
 from .sampling import Sampler
 from .speculative import Drafter, Stats, generate as speculative_generate
@@ -139,6 +140,14 @@ class ModelPair:
             self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max,
                                slots_on_host if slots_on_host is not None else n_gpu_layers == 0, inpass)
         self.verifier = TargetVerifier(self.target_ctx, self.routing, self.engine)
+        # one caller at a time: a generation owns both KV caches and the expert cache until it ends
+        self._busy = threading.Lock()
+        self._closed = False
+        # what llama.cpp changed of the request, said once (the CLI prints these)
+        self.notices: list[str] = []
+        if self.target_ctx.n_ctx != n_ctx:
+            self.notices.append(f"-c {n_ctx}: llama.cpp pads the context to {self.target_ctx.n_ctx} tokens "
+                                f"and caps one decode at {self.target_ctx.n_batch} rows")
         # K per round; its cost and acceptance estimates outlive one generate() (same machine, same pair)
         self.draft_length = DraftLength() if self.draft is not None else None
         self.last_stats: Stats | None = None
@@ -216,6 +225,7 @@ class ModelPair:
                 "expert_bytes": lay.bytes_per_expert, "dense_bytes": lay.dense_bytes}
 
     def tokenize(self, prompt: str) -> list[int]:
+        self._check_open()
         return self.target.tokenize(prompt, add_special=True, parse_special=True)
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 64, temperature: float = 0.0,
@@ -225,10 +235,31 @@ class ModelPair:
 
         With a draft, K is chosen each round in 0..draft_max for speed (`adaptive`, draft_length.py);
         `adaptive=False` drafts draft_max every round."""
+        self._check_open()
         if max_tokens < 1:
             raise InputError("max_tokens (-n) must be >= 1")
         if draft_max < 0:
             raise InputError("draft_max (--draft-max) must be >= 0")
+        rows = min(self.target_ctx.n_batch, self.draft_ctx.n_batch if self.draft_ctx else self.target_ctx.n_batch)
+        if draft_max + 1 > rows:                        # a verify pass is one decode: it must fit n_batch
+            note = f"--draft-max {draft_max}: a verify pass holds at most {rows} rows here; K capped at {rows - 1}"
+            if note not in self.notices:
+                self.notices.append(note)
+            draft_max = rows - 1
+        if not self._busy.acquire(blocking=False):
+            raise BackendError("this ModelPair is already generating (another thread or an unfinished generator); "
+                               "one generation at a time: finish or close it first")
+        try:
+            yield from self._generate(prompt, max_tokens, temperature, top_p, seed, draft_max, adaptive, recorder,
+                                      stop_at_eog)
+        finally:
+            self._busy.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError("this ModelPair is closed")
+
+    def _generate(self, prompt, max_tokens, temperature, top_p, seed, draft_max, adaptive, recorder, stop_at_eog):
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise InputError("the prompt tokenizes to nothing")
@@ -272,10 +303,21 @@ class ModelPair:
                 **self.cache.counters()}
 
     def close(self) -> None:
-        self.cache = self.engine = None
-        for obj in (self.draft_ctx, self.target_ctx, self.draft, self.target):
-            if obj is not None:
-                obj.close()
+        """Free both models and contexts. Idempotent; every later call raises BackendError. Refused
+        while a generation is unfinished (another thread's, or a generator not exhausted or closed)."""
+        if getattr(self, "_closed", True):
+            return
+        if not self._busy.acquire(blocking=False):
+            raise BackendError("close() while a generation of this ModelPair is unfinished (another thread, or a "
+                               "generator not exhausted or closed): finish or close it first")
+        try:
+            self._closed = True
+            self.cache = self.engine = None
+            for obj in (self.draft_ctx, self.target_ctx, self.draft, self.target):
+                if obj is not None:
+                    obj.close()
+        finally:
+            self._busy.release()
 
 
 def load(target: str | Path, draft: str | Path | None = None, **kw) -> ModelPair:

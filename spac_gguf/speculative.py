@@ -51,6 +51,7 @@ class Stats:
     t_verify: float = 0.0
     t_last: float = 0.0
     k_counts: dict[int, int] = field(default_factory=dict)   # K drafted -> rounds
+    stop_reason: str = ""       # "max_tokens", "eog" or "context" (the context is full), once generation ends
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -68,7 +69,7 @@ class Stats:
             "n_target_passes": self.n_target_passes, "n_drafted": self.n_drafted,
             "n_draft_accepted": self.n_draft_accepted, "acceptance_rate": self.acceptance_rate,
             "tokens_per_second": self.tokens_per_second,
-            "k_histogram": dict(sorted(self.k_counts.items())),
+            "k_histogram": dict(sorted(self.k_counts.items())), "stop_reason": self.stop_reason,
             "time": {"prefill_s": self.t_prefill, "draft_s": self.t_draft, "verify_s": self.t_verify,
                      "total_s": self.t_last - self.t_start},
         }
@@ -151,6 +152,7 @@ def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, ma
     while stats.n_generated < max_tokens:
         room = n_ctx - len(tokens) - 1
         if room < 0:
+            stats.stop_reason = "context"
             return
         K = draft_length.choose(min(draft_max, max_tokens - stats.n_generated - 1, room) if drafter else 0)
         t1 = time.perf_counter()
@@ -180,4 +182,5 @@ def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, ma
                 stats.t_first = stats.t_last
             yield Step(token=tok, from_draft=i < a, stats=stats, routing=routing)
             if is_eog(tok) or stats.n_generated >= max_tokens:
+                stats.stop_reason = "eog" if is_eog(tok) else "max_tokens"
                 return

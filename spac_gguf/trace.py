@@ -12,6 +12,7 @@ Format (one file, numpy .npz):
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +54,51 @@ class RoutingTrace:
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(ids=z["ids"].astype(np.int32), pass_start=z["pass_start"].astype(np.int32),
-                       accepted=z["accepted"].astype(np.int32), meta=json.loads(str(z["meta"])))
+        """Read and validate a trace; anything else is a ValueError naming the file (never a pickle)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"trace not found: {path}")
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not a routing trace (.npz from `spac-gguf run --trace`)")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in ("ids", "pass_start", "accepted", "meta") if k not in z.files]
+                if missing:
+                    raise ValueError(f"{path} is not a routing trace: no {', '.join(missing)}")
+                arrays = {k: z[k] for k in ("ids", "pass_start", "accepted")}
+                meta = json.loads(str(z["meta"]))
+        except (OSError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable routing trace ({type(e).__name__}: {e})") from None
+        for k, a in arrays.items():
+            if not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"{path}: {k} must hold integers, not {a.dtype}")
+        tr = cls(ids=arrays["ids"].astype(np.int32), pass_start=arrays["pass_start"].astype(np.int32),
+                 accepted=arrays["accepted"].astype(np.int32), meta=meta)
+        tr.validate(str(path))
+        return tr
+
+    def validate(self, name: str = "trace") -> None:
+        """Shapes, pass structure and expert ids agree with each other and with meta."""
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"{name}: meta must be a JSON object")
+        n_expert = self.meta.get("n_expert")
+        if not isinstance(n_expert, int) or n_expert < 1:
+            raise ValueError(f"{name}: meta.n_expert must be a positive integer (got {n_expert!r})")
+        if self.ids.ndim != 3:
+            raise ValueError(f"{name}: ids must be [rows, layers, k], got shape {list(self.ids.shape)}")
+        if self.pass_start.ndim != 1 or self.accepted.shape != self.pass_start.shape:
+            raise ValueError(f"{name}: pass_start and accepted must be 1-D and of one length")
+        rows = self.ids.shape[0]
+        ps = self.pass_start.astype(np.int64)
+        if len(ps) and (ps[0] != 0 or (np.diff(ps) <= 0).any() or ps[-1] >= rows):
+            raise ValueError(f"{name}: pass_start must start at 0 and rise strictly within the {rows} rows")
+        sizes = np.diff(np.append(ps, rows))
+        if ((self.accepted < 1) | (self.accepted > sizes)).any():
+            raise ValueError(f"{name}: each pass accepts between 1 and its number of rows")
+        bad = (self.ids < -1) | (self.ids >= n_expert)
+        if bad.any():
+            v = int(self.ids[bad][0])
+            raise ValueError(f"{name}: expert id {v} outside -1..{n_expert - 1} (meta.n_expert = {n_expert})")
 
 
 class TraceRecorder:
