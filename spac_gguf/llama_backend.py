@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,40 @@ def _init_backend() -> None:
     llc.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
     llc.llama_backend_init()
     _INITIALISED = True
+
+
+class _InterruptibleLoad:
+    """Ctrl-C during a model load: Python's default handler would raise KeyboardInterrupt inside
+    whichever ctypes callback runs (log, progress), where ctypes prints and swallows it and the load
+    goes on. Instead a flag is set and the progress callback returns false, which makes llama.cpp stop
+    the load; the caller then raises KeyboardInterrupt. (SPAC_TEST_SIGINT_AT_LOAD=1 sends that signal
+    at the first progress report, for tests.)"""
+
+    def __init__(self):
+        self.interrupted = False
+        self._old = None
+        self._inject = os.environ.get("SPAC_TEST_SIGINT_AT_LOAD") == "1"
+
+        @llc.llama_progress_callback
+        def _progress(progress, user_data):  # noqa: ARG001 - C signature
+            if self._inject:
+                self._inject = False
+                signal.raise_signal(signal.SIGINT)
+            return not self.interrupted
+        self.callback = _progress           # keep alive while C may call it
+
+    def _on_sigint(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        self.interrupted = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 class _BuftOverride(ctypes.Structure):
@@ -142,7 +178,14 @@ class LlamaModel:
             arr[1].buft = None
             self._overrides = arr
             params.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
-        ptr = llc.llama_model_load_from_file(self.path.encode(), params)
+        with _InterruptibleLoad() as guard:
+            params.progress_callback = guard.callback
+            params.progress_callback_user_data = None
+            ptr = llc.llama_model_load_from_file(self.path.encode(), params)
+        if guard.interrupted:
+            if ptr:
+                llc.llama_model_free(ptr)
+            raise KeyboardInterrupt
         if not ptr:
             raise BackendError(f"llama.cpp could not load {self.path}")
         self.ptr = ptr

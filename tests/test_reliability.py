@@ -108,3 +108,17 @@ def test_seed_minus_one_means_random(qwen):
     r = cli("run", str(qwen[0]), "-p", "hi", "-n", "3", "--temp", "0.8", "--seed", "-1", "-t", "1", "--json")
     assert r.returncode == 0, r.stderr
     assert_clean_error(cli("run", str(qwen[0]), "-p", "hi", "-n", "3", "--seed", "-5"), "--seed")
+
+
+def test_ctrl_c_while_loading_exits_130_without_traceback(qwen):
+    """A SIGINT delivered during llama.cpp's model load (injected at its first progress report) stops
+    the load: exit 130, one line, no traceback, no generated text."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, SPAC_TEST_SIGINT_AT_LOAD="1")
+    r = subprocess.run([sys.executable, "-m", "spac_gguf.cli", "run", str(qwen[0]), "-p", "hi", "-n", "4", "-t", "1"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 130, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and r.stdout.strip() == ""
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == ["spac-gguf: interrupted"]
