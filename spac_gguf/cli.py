@@ -137,6 +137,10 @@ def run(
     if seed is not None and seed < -1:
         raise UsageError(f"--seed must be >= -1 (got {seed})")
     seed = None if seed == -1 else seed
+    if trace is not None:                                # fail before generating, not after
+        parent = trace.resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK) or (trace.exists() and not os.access(trace, os.W_OK)):
+            raise UsageError(f"--trace {trace}: cannot write there")
     target = target or model
     if escape:
         prompt = unescape(prompt)
@@ -169,7 +173,10 @@ def run(
     if rec is not None:
         tr = rec.trace()
         tr.meta["prompt_tokens"] = stats.n_prompt if stats else 0
-        tr.save(trace)
+        try:
+            tr.save(trace)
+        except OSError as e:
+            raise UsageError(f"--trace {trace}: {e.strerror or e}") from None
     result = {
         "tokens": toks, "text": "".join(text), "n_generated": len(toks),
         "n_target_passes": stats.n_target_passes if stats else 0,

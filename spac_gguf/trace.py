@@ -11,7 +11,9 @@ Format (one file, numpy .npz):
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +51,19 @@ class RoutingTrace:
             yield self.pass_rows(i), int(self.accepted[i])
 
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, ids=self.ids.astype(np.int32), pass_start=self.pass_start.astype(np.int32),
-                            accepted=self.accepted.astype(np.int32), meta=np.array(json.dumps(self.meta)))
+        """Write atomically: a temporary file beside `path`, renamed over it once complete, so a failure
+        or Ctrl-C never leaves half a trace."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, ids=self.ids.astype(np.int32), pass_start=self.pass_start.astype(np.int32),
+                                    accepted=self.accepted.astype(np.int32), meta=np.array(json.dumps(self.meta)))
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":

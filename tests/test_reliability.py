@@ -3,6 +3,7 @@ context, --seed -1. Crash-prone cases run in a subprocess, so an abort fails the
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -113,7 +114,6 @@ def test_seed_minus_one_means_random(qwen):
 def test_ctrl_c_while_loading_exits_130_without_traceback(qwen):
     """A SIGINT delivered during llama.cpp's model load (injected at its first progress report) stops
     the load: exit 130, one line, no traceback, no generated text."""
-    import os
     import subprocess
     import sys
     env = dict(os.environ, SPAC_TEST_SIGINT_AT_LOAD="1")
@@ -122,3 +122,34 @@ def test_ctrl_c_while_loading_exits_130_without_traceback(qwen):
     assert r.returncode == 130, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr and r.stdout.strip() == ""
     assert [ln for ln in r.stderr.splitlines() if ln.strip()] == ["spac-gguf: interrupted"]
+
+
+def test_trace_path_that_cannot_be_written(qwen, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):                       # root ignores directory modes: use a missing dir
+            target = tmp_path / "no-such-dir" / "t.npz"
+        else:
+            target = ro / "t.npz"
+        assert_clean_error(cli("run", str(qwen[0]), "-p", "hi", "-n", "2", "--trace", str(target)), "--trace")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_trace_write_is_atomic(tmp_path, monkeypatch):
+    """A failure while writing leaves neither a half trace nor a temporary file."""
+    tr = RoutingTrace(np.zeros((2, 1, 1), np.int32), np.array([0], np.int32), np.array([2], np.int32),
+                      {"n_expert": 4})
+    path = tmp_path / "t.npz"
+    tr.save(path)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez_compressed", boom)
+    with pytest.raises(OSError):
+        RoutingTrace(tr.ids + 1, tr.pass_start, tr.accepted, tr.meta).save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
