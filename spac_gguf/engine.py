@@ -22,8 +22,9 @@ import numpy as np
 @dataclass(frozen=True)
 class InPass:
     """How a pass treats its misses: up to ceil(share x misses) (at most max_loads) are copied into
-    slots and computed on the GPU, the rest by the CPU. routed_bonus: inf evicts the least-priority
-    slot for any miss (LRU, the upstream design); 0 evicts only lower-utility experts (spac)."""
+    slots and computed on the GPU, the rest by the CPU. A miss takes the slot of the lowest-priority
+    expert not routed now if that priority is below its own + routed_bonus x its rows in the pass:
+    inf always evicts (LRU, the upstream design); spac uses 1 (a routed row is one unit of utility)."""
     share: float = 1.0
     max_loads: int = 1 << 20
     routed_bonus: float = math.inf
