@@ -94,9 +94,30 @@ class GGUFHeader:
     kv: dict[str, Any]
     kv_types: dict[str, tuple[int, ...]]
     tensors: list[TensorInfo]
+    # byte spans of the sections, for tools that need to know where things are (fuzzing, debugging):
+    # (key, start, value_start, end) per KV pair and (name, start, end) per tensor info
+    kv_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
+    tensor_info_spans: list[tuple[str, int, int]] = field(default_factory=list)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.kv.get(key, default)
+
+
+GGML_MAX_NAME = 64              # ggml's tensor-name buffer (with its NUL): gguf.cpp refuses longer names
+_INT64_MAX = 2**63 - 1
+
+
+def _q(name: str, limit: int = 48) -> str:
+    """A key or tensor name for an error message: quoted, escaped to one line, shortened (a corrupt
+    file's names can be megabytes of arbitrary bytes)."""
+    r = repr(name[:limit])
+    return r + ("..." if len(name) > limit else "")
+
+
+def _one_line(msg: str, limit: int = 400) -> str:
+    """`msg` as one printable line of at most `limit` characters."""
+    msg = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in msg)
+    return msg if len(msg) <= limit else msg[:limit - 3] + "..."
 
 
 class _Cursor:
@@ -105,7 +126,7 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise GGUFTruncatedError(f"header ends inside {what} at byte {self.pos}")
+            raise GGUFTruncatedError(f"header ends inside {_one_line(what, 60)} at byte {self.pos}")
 
     def unpack(self, fmt: str, n: int, what: str) -> Any:
         self.need(n, what)
@@ -125,7 +146,7 @@ def _read_value(c: _Cursor, vtype: int, key: str, strings: bool) -> tuple[Any, t
     try:
         vt = GGUFValueType(vtype)
     except ValueError:
-        raise GGUFCorruptError(f"unknown value type {vtype} for key {key!r}") from None
+        raise GGUFCorruptError(f"unknown value type {vtype} for key {_q(key)}") from None
     if vt in _SCALAR:
         fmt, n = _SCALAR[vt]
         return c.unpack(fmt, n, key), (vt,)
@@ -137,7 +158,7 @@ def _read_value(c: _Cursor, vtype: int, key: str, strings: bool) -> tuple[Any, t
     try:
         st = GGUFValueType(sub)
     except ValueError:
-        raise GGUFCorruptError(f"unknown array item type {sub} for key {key!r}") from None
+        raise GGUFCorruptError(f"unknown array item type {sub} for key {_q(key)}") from None
     if st in _SCALAR:
         n = _SCALAR[st][1] * count
         c.need(n, key)
@@ -146,17 +167,17 @@ def _read_value(c: _Cursor, vtype: int, key: str, strings: bool) -> tuple[Any, t
         return arr, (vt, st)
     if st == GGUFValueType.STRING:
         if count > (c.size - c.pos) // 8:
-            raise GGUFTruncatedError(f"header ends inside {key} (array of {count} strings)")
+            raise GGUFTruncatedError(f"header ends inside {_q(key)} (array of {count} strings)")
         buf, pos, size = c.buf, c.pos, c.size
         unpack = struct.Struct("<Q").unpack_from
         items: list[bytes] | None = [] if strings else None
         for _ in range(count):
             if pos + 8 > size:
-                raise GGUFTruncatedError(f"header ends inside {key} at byte {pos}")
+                raise GGUFTruncatedError(f"header ends inside {_q(key)} at byte {pos}")
             n = unpack(buf, pos)[0]
             pos += 8
             if pos + n > size:
-                raise GGUFTruncatedError(f"header ends inside {key} at byte {pos}")
+                raise GGUFTruncatedError(f"header ends inside {_q(key)} at byte {pos}")
             if items is not None:
                 items.append(buf[pos:pos + n])
             pos += n
@@ -195,10 +216,10 @@ def read_gguf(path: str | os.PathLike, *, strings: bool = True) -> GGUFHeader:
     except GGUFError as e:
         if not str(e).endswith(str(p)):
             raise type(e)(f"{'truncated' if isinstance(e, GGUFTruncatedError) else 'corrupt'} GGUF "
-                          f"({e}): {p}") from None
+                          f"({_one_line(str(e))}): {p}") from None
         raise
     except (struct.error, ValueError, IndexError, OverflowError, MemoryError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = _one_line(str(e)) if str(e) else type(e).__name__
         raise GGUFCorruptError(f"corrupt GGUF ({msg}): {p}") from None
     finally:
         mm.close()
@@ -218,55 +239,69 @@ def _parse(mm: mmap.mmap, size: int, path: str, strings: bool) -> GGUFHeader:
         raise GGUFCorruptError(f"implausible counts ({n_kv} keys, {n_tensors} tensors for {size} bytes)")
     kv: dict[str, Any] = {}
     kv_types: dict[str, tuple[int, ...]] = {}
+    kv_spans: list[tuple[str, int, int, int]] = []
     for i in range(n_kv):
+        start = c.pos
         key = c.string(f"key #{i}").decode("utf-8", errors="replace")
         vtype = c.unpack("<I", 4, key)
+        vstart = c.pos
+        if key in kv:
+            raise GGUFCorruptError(f"duplicate key {_q(key)}")
         kv[key], kv_types[key] = _read_value(c, vtype, key, strings)
+        kv_spans.append((key, start, vstart, c.pos))
     alignment = kv.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFCorruptError(f"bad general.alignment {alignment!r}")
     raw = []
+    ti_spans: list[tuple[str, int, int]] = []
     for i in range(n_tensors):
-        name = c.string(f"tensor info #{i}").decode("utf-8", errors="replace")
+        start = c.pos
+        raw_name = c.string(f"tensor info #{i}")
+        name = raw_name.decode("utf-8", errors="replace")
+        if len(raw_name) >= GGML_MAX_NAME:
+            raise GGUFCorruptError(f"tensor name {_q(name)} is too long (ggml allows {GGML_MAX_NAME - 1} bytes)")
         n_dims = c.unpack("<I", 4, name)
         if not 1 <= n_dims <= 4:
-            raise GGUFCorruptError(f"tensor {name!r} has {n_dims} dimensions")
+            raise GGUFCorruptError(f"tensor {_q(name)} has {n_dims} dimensions")
         c.need(8 * n_dims, name)
         dims = struct.unpack_from(f"<{n_dims}Q", mm, c.pos)
         c.pos += 8 * n_dims
         gtype = c.unpack("<I", 4, name)
         rel = c.unpack("<Q", 8, name)
         raw.append((name, dims, gtype, rel))
+        ti_spans.append((name, start, c.pos))
     data_offset = -(-c.pos // alignment) * alignment
     tensors: list[TensorInfo] = []
     seen = set()
     for name, dims, gtype, rel in raw:
         if name in seen:
-            raise GGUFCorruptError(f"duplicate tensor {name!r}")
+            raise GGUFCorruptError(f"duplicate tensor {_q(name)}")
         seen.add(name)
         try:
             qt = GGMLQuantizationType(gtype)
             block, tsize = GGML_QUANT_SIZES[qt]
         except (ValueError, KeyError):
-            raise GGUFCorruptError(f"tensor {name!r} has unknown type {gtype}") from None
+            raise GGUFCorruptError(f"tensor {_q(name)} has unknown type {gtype}") from None
         if dims[0] % block:
-            raise GGUFCorruptError(f"tensor {name!r}: row of {dims[0]} is not a multiple of {qt.name} blocks ({block})")
+            raise GGUFCorruptError(f"tensor {_q(name)}: row of {dims[0]} is not a multiple of {qt.name} blocks ({block})")
         n_el = 1
         for d in dims:
             n_el *= d
+        if 0 in dims or n_el > _INT64_MAX:
+            raise GGUFCorruptError(f"tensor {_q(name)} has a bad shape {list(dims)}")
         if rel % alignment:
-            raise GGUFCorruptError(f"tensor {name!r} data offset {rel} is not {alignment}-aligned")
+            raise GGUFCorruptError(f"tensor {_q(name)} data offset {rel} is not {alignment}-aligned")
         tensors.append(TensorInfo(name, int(qt), qt.name, tuple(int(d) for d in dims), data_offset + rel,
                                   n_el // block * tsize))
     # The tensor data must fit the file and tensors must not overlap.
     end = data_offset
     for t in sorted(tensors, key=lambda t: t.offset):
         if t.offset < end:
-            raise GGUFCorruptError(f"tensor {t.name!r} overlaps the previous tensor")
+            raise GGUFCorruptError(f"tensor {_q(t.name)} overlaps the previous tensor")
         end = t.offset + t.nbytes
     if tensors and end > size:
         raise GGUFTruncatedError(f"truncated GGUF: tensor data ends at byte {end} but the file has {size} bytes: {path}")
-    return GGUFHeader(path, size, version, alignment, data_offset, kv, kv_types, tensors)
+    return GGUFHeader(path, size, version, alignment, data_offset, kv, kv_types, tensors, kv_spans, ti_spans)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,12 +448,78 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+LLAMA_MAX_LAYERS = 512          # llama-hparams.h
+LLAMA_MAX_EXPERTS = 1024
+# architectures whose llama.cpp graph has one head size for keys, values and rope
+_ONE_HEAD_DIM_ARCHS = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe")
+
+
+def _uint(v: Any) -> int | None:
+    """An integer hyperparameter's value (the largest, for a per-layer array); None when it is not
+    integer-typed (llama.cpp then refuses the key's type itself, with an error, not an abort)."""
+    if isinstance(v, np.ndarray):
+        if v.size and v.dtype.kind in "iu":
+            return int(v.max())
+        return None
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return int(v)
+    return None
+
+
+def check_hparams(h: GGUFHeader, arch: str) -> None:
+    """Refuse hyperparameters on which llama.cpp's model loader aborts (GGML_ASSERT in
+    ``llama_model::load_hparams``) instead of returning an error: the process would die before
+    we could say anything.  Only keys llama.cpp reads for every architecture are checked here."""
+    def get(key: str) -> int | None:
+        return _uint(h.get(f"{arch}.{key}"))
+
+    def bad(msg: str) -> GGUFCorruptError:
+        return GGUFCorruptError(f"corrupt GGUF ({msg}): {h.path}")
+
+    n_layer = get("block_count")
+    if n_layer is not None and not 0 < n_layer <= LLAMA_MAX_LAYERS:
+        raise bad(f"{arch}.block_count is {n_layer}; llama.cpp allows 1..{LLAMA_MAX_LAYERS}")
+    nextn = get("nextn_predict_layers")
+    if n_layer is not None and nextn is not None and nextn > n_layer:
+        raise bad(f"{arch}.nextn_predict_layers {nextn} > block_count {n_layer}")
+    n_expert = get("expert_count") or 0
+    used = h.get(f"{arch}.expert_used_count")
+    if isinstance(used, np.ndarray) and n_layer is not None:
+        used = used[:n_layer]
+    n_used = _uint(used) or 0
+    groups = get("expert_group_count") or 0
+    group_used = get("expert_group_used_count") or 0
+    if n_expert > LLAMA_MAX_EXPERTS:
+        raise bad(f"{arch}.expert_count is {n_expert}; llama.cpp allows at most {LLAMA_MAX_EXPERTS}")
+    if n_used > n_expert:
+        raise bad(f"{arch}.expert_used_count {n_used} > expert_count {n_expert}")
+    if n_expert > 0:
+        if n_used == 0:
+            raise bad(f"{arch}.expert_count is {n_expert} but {arch}.expert_used_count is missing or 0")
+        if groups >= n_expert:
+            raise bad(f"{arch}.expert_group_count {groups} >= expert_count {n_expert}")
+        if groups > 1 and (n_expert % groups or not 0 < group_used < groups):
+            raise bad(f"{arch}: {n_expert} experts do not split into {groups} groups with {group_used} used")
+    elif groups:
+        raise bad(f"{arch}.expert_group_count is {groups} without experts")
+    if arch in _ONE_HEAD_DIM_ARCHS:
+        # their graph builders assert n_embd_head_v == n_embd_head_k == n_rot (models/<arch>.cpp)
+        n_embd, n_head = get("embedding_length"), _uint(_scalar(h.get(f"{arch}.attention.head_count")))
+        if n_embd and n_head:
+            hk = get("attention.key_length") or n_embd // n_head
+            hv = get("attention.value_length") or n_embd // n_head
+            rot = get("rope.dimension_count") or hk
+            if not hk == hv == rot:
+                raise bad(f"{arch}: key length {hk}, value length {hv} and rope dimensions {rot} must be equal")
+
+
 def describe(path: str | os.PathLike) -> ModelLayout:
     """Layout of a GGUF model: architecture, experts, byte offsets and dense vs expert bytes."""
     h = read_gguf(path, strings=False)
     arch = h.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFCorruptError(f"GGUF has no general.architecture: {h.path}")
+    check_hparams(h, arch)
 
     def a(key: str, default: Any = None) -> Any:
         return _scalar(h.get(f"{arch}.{key}", default))
@@ -439,7 +540,7 @@ def describe(path: str | os.PathLike) -> ModelLayout:
             if n_expert == 0:
                 n_expert = ne_last
             if ne_last != n_expert or t.nbytes % ne_last:
-                raise GGUFCorruptError(f"expert tensor {t.name!r} has shape {list(t.shape)} "
+                raise GGUFCorruptError(f"expert tensor {_q(t.name)} has shape {list(t.shape)} "
                                        f"but the model has {n_expert} experts: {h.path}")
             et = ExpertTensor(t.name, key, t.qtype, t.shape, t.offset, t.nbytes, t.nbytes // ne_last)
             lay = layers[li]

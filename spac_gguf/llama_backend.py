@@ -35,6 +35,7 @@ class BackendError(RuntimeError):
 
 _LOG_CB = None          # keep the CFUNCTYPE alive: C holds a pointer to it
 _INITIALISED = False
+_ERRORS: list[str] | None = None    # llama.cpp's error log while a load collects it (one line for the user)
 
 
 def _init_backend() -> None:
@@ -50,13 +51,26 @@ def _init_backend() -> None:
         # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line
         lvl = last[0] if level == 5 else level
         last[0] = lvl
-        if verbose or lvl == 4:
+        if lvl == 4 and _ERRORS is not None and not verbose:
+            _ERRORS.append((text or b"").decode("utf-8", "replace"))    # the caller words the error
+        elif verbose or lvl == 4:
             os.write(2, text or b"")
 
     _LOG_CB = _log
     llc.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
     llc.llama_backend_init()
     _INITIALISED = True
+
+
+def _load_error_reason(lines: list[str]) -> str:
+    """The most specific line of llama.cpp's error log of a failed load, as one short line."""
+    text = [ln.strip() for ln in "".join(lines).splitlines() if ln.strip()]
+    generic = ("failed to load model", "error loading model")
+    specific = [ln for ln in text if not any(g in ln for g in generic)] or text
+    if not specific:
+        return ""
+    reason = specific[0].split(": ", 1)[-1] if specific[0].startswith("llama_") else specific[0]
+    return reason[:300]
 
 
 class _InterruptibleLoad:
@@ -178,16 +192,24 @@ class LlamaModel:
             arr[1].buft = None
             self._overrides = arr
             params.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
-        with _InterruptibleLoad() as guard:
-            params.progress_callback = guard.callback
-            params.progress_callback_user_data = None
-            ptr = llc.llama_model_load_from_file(self.path.encode(), params)
+        global _ERRORS
+        _ERRORS = []
+        try:
+            with _InterruptibleLoad() as guard:
+                params.progress_callback = guard.callback
+                params.progress_callback_user_data = None
+                ptr = llc.llama_model_load_from_file(self.path.encode(), params)
+        finally:
+            errors, _ERRORS = _ERRORS, None
         if guard.interrupted:
             if ptr:
                 llc.llama_model_free(ptr)
             raise KeyboardInterrupt
         if not ptr:
-            raise BackendError(f"llama.cpp could not load {self.path}")
+            why = _load_error_reason(errors)
+            raise BackendError(f"llama.cpp could not load {self.path}" + (f": {why}" if why else ""))
+        for e in errors:                                 # a load that worked despite errors: show them
+            os.write(2, e.encode())
         self.ptr = ptr
         self.vocab = llc.llama_model_get_vocab(ptr)
         self.n_vocab = llc.llama_vocab_n_tokens(self.vocab)
