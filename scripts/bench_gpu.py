@@ -359,7 +359,8 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         pair = ModelPair(a.target, draft, experts_on_cpu=True, routing="auto", policy=pol,
                          budget=f"{budget * 100:g}%", hw=a.hw, draft_max=a.draft_max,
                          calibration=calib_path if pol == "static" else None,
-                         inpass=(InPass(share=a.spac_share, routed_bonus=1.0) if a.inpass and pol == "spac"
+                         inpass=(False if a.fake_cache else
+                                 InPass(share=a.spac_share, routed_bonus=1.0) if a.inpass and pol == "spac"
                                  and a.spac_share is not None else a.inpass and pol in ("lru", "spac")), **kw)
         info.update(slots_per_layer=pair.cache.n_slots, inpass=str(pair.engine.inpass),
                     budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
