@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 VARIANT ?= cpu
 STAMP   := $(VENV)/.spac-setup
 
-.PHONY: setup run test build-llama test-models clean
+.PHONY: setup run test build-llama clean
 
 setup: $(STAMP) build-llama
 
@@ -23,6 +23,7 @@ run: setup
 	$(VENV)/bin/spac-gguf run -n 64 -p "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
 
 test: setup
+	$(VPY) -m ruff check spac_gguf scripts tests
 	$(VPY) -m pytest -q
 
 clean:
