@@ -286,4 +286,3 @@ def _loads_for(cached: np.ndarray, res: np.ndarray, resident: np.ndarray, d: np.
     free = np.argsort(np.where(stays, np.inf, key), axis=1, kind="stable")
     l, i = np.nonzero(np.arange(S)[None, :] < n_new[:, None])
     return list(zip(l.tolist(), new[l, i].tolist(), free[l, i].tolist()))
-

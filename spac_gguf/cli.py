@@ -245,9 +245,7 @@ def simulate(
             raise UsageError(f"unknown --routing preset {routing!r}; known: {', '.join(PRESETS)}")
         tr = generate(routing, seed=seed)
     else:
-        if not trace.is_file():
-            raise UsageError(f"trace not found: {trace}")
-        tr = RoutingTrace.load(trace)
+        tr = RoutingTrace.load(trace)                    # checks the file (one-line errors)
     cal = RoutingTrace.load(calibration) if calibration else None
     res = run_sim(tr, policy.split(","), budget=budget, cache_slots=cache_slots, hw=load_profile(hw),
                   calibration=cal, split=split, with_lookahead=lookahead)

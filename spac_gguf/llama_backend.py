@@ -111,14 +111,21 @@ class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def _ggml_lib() -> ctypes.CDLL:
-    """libggml-base from the same directory as libllama (the bundled _ggml.py may load another)."""
+def _sibling_lib(stem: str) -> ctypes.CDLL | None:
+    """lib<stem> from the same directory as libllama (the bundled _ggml.py may load another), or None."""
     libdir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llc.__file__).parent / "lib")
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+    for name in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
         p = libdir / name
         if p.exists():
             return ctypes.CDLL(str(p))
-    raise BackendError(f"libggml-base not found in {libdir}")
+    return None
+
+
+def _ggml_lib() -> ctypes.CDLL:
+    lib = _sibling_lib("ggml-base")
+    if lib is None:
+        raise BackendError("libggml-base not found beside libllama")
+    return lib
 
 
 _GGML = None
@@ -141,12 +148,8 @@ def ggml() -> ctypes.CDLL:
 def pinned_host_buffer_type() -> int | None:
     """The first GPU's pinned host buffer type (CUDA_Host), or None without a GPU: host memory the
     GPU copies from at link speed (pageable memory goes through a bounce buffer at a tenth of it)."""
-    libdir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llc.__file__).parent / "lib")
-    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
-        if (libdir / name).exists():
-            reg = ctypes.CDLL(str(libdir / name))
-            break
-    else:
+    reg = _sibling_lib("ggml")                       # the backend registry
+    if reg is None:
         return None
     reg.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     reg.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
@@ -293,7 +296,6 @@ class LlamaContext:
             raise BackendError("llama.cpp could not create a context (n_ctx too large for memory?)")
         self.ptr = ptr
         self.n_ctx = llc.llama_n_ctx(ptr)
-        self.n_ctx_requested = n_ctx
         # the context's own limit (llama.cpp caps n_batch at the requested n_ctx, then pads n_ctx up):
         # one llama_decode must never carry more rows, or llama.cpp aborts
         self.n_batch = int(llc.llama_n_batch(ptr))

@@ -157,7 +157,7 @@ class ModelPair:
         """Expert cache + policy + asynchronous engine on the target context."""
         from .balancer import InfeasibleBudget, slots_for_budget
         from .cache import ExpertCache
-        from .engine import Engine, InPass
+        from .engine import Engine
         from .hardware import load_profile
         from .policies import NAMES, make_policy
         from .sizes import parse_size

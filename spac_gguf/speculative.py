@@ -181,6 +181,7 @@ def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, ma
             if stats.t_first is None:
                 stats.t_first = stats.t_last
             yield Step(token=tok, from_draft=i < a, stats=stats, routing=routing)
-            if is_eog(tok) or stats.n_generated >= max_tokens:
-                stats.stop_reason = "eog" if is_eog(tok) else "max_tokens"
+            eog = is_eog(tok)
+            if eog or stats.n_generated >= max_tokens:
+                stats.stop_reason = "eog" if eog else "max_tokens"
                 return
