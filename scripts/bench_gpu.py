@@ -495,7 +495,8 @@ def expected_unique(rows: int, k: int, E: int) -> float:
     return E * (1.0 - (1.0 - k / E) ** rows)
 
 
-def roofline(res: dict, lay, bw: dict, gpu_pass_s: float, gpu_pass_basis: str) -> dict:
+def roofline(res: dict, lay, bw: dict, gpu_pass_s: float, gpu_pass_basis: str,
+             gpu_pass_rows: dict | None = None) -> dict:
     """Lower bound on generation time for the passes this run made: draft as measured, plus per pass
     the all-GPU pass time, plus the uncached experts it touched streamed once at DRAM read bandwidth
     (the CPU expert path's ceiling); `split` also lets PCIe carry part of them concurrently."""
@@ -514,6 +515,22 @@ def roofline(res: dict, lay, bw: dict, gpu_pass_s: float, gpu_pass_basis: str) -
         basis = "uniform-routing estimate"
     cpu_bytes = uncached * B
     draft_s = res["breakdown"]["draft_s"]
+    passes = max(res["passes"], 1)
+    out_pass = None
+    if gpu_pass_rows and res["routing_seen"]:
+        # the issue's per-pass bound: both pipes at their measured bandwidths, in parallel, plus the
+        # all-GPU pass of the same rows (measured by llama_ar_gpu in this run)
+        rows = res["rows"] / passes
+        t_gpu = _interp_rows(gpu_pass_rows, rows)
+        cpu_b = max(0.0, res["uncached_experts"] - res.get("inpass_loads", 0.0)) * B / passes
+        up_b = res.get("inpass_bytes", 0.0) / passes
+        link = bw.get("slot_upload_gbps") or bw.get("pcie_h2d_pinned_gbps")
+        if link:
+            roof_s = max(cpu_b / (dram * 1e9), up_b / (link * 1e9)) + t_gpu
+            meas_s = res["breakdown"]["target_decode_s"] / passes
+            out_pass = {"rows": rows, "gpu_pass_s": t_gpu, "cpu_bytes": cpu_b, "upload_bytes": up_b,
+                        "dram_gbps": dram, "link_gbps": link, "roofline_s": roof_s, "measured_s": meas_s,
+                        "ratio": meas_s / roof_s}
     passes = res["passes"]
     t_cpu = cpu_bytes / (dram * 1e9)
     t_min = draft_s + passes * gpu_pass_s + t_cpu
@@ -527,6 +544,39 @@ def roofline(res: dict, lay, bw: dict, gpu_pass_s: float, gpu_pass_basis: str) -
         out["split_tps"] = res["n_generated"] / t_split
         out["split_fraction"] = res["tps"] / out["split_tps"]
         out["copy_s_at_pcie"] = res["bytes_copied"] / (pcie * 1e9)
+    if out_pass:
+        out["pass"] = out_pass
+    return out
+
+
+def _interp_rows(table: dict, rows: float) -> float:
+    """All-GPU pass time at `rows` rows, linear between the measured row counts (clamped)."""
+    xs = sorted(table)
+    if rows <= xs[0]:
+        return table[xs[0]]
+    for lo, hi in zip(xs, xs[1:]):
+        if rows <= hi:
+            return table[lo] + (table[hi] - table[lo]) * (rows - lo) / (hi - lo)
+    return table[xs[-1]]
+
+
+def measure_pass_rows(pair, prompt: list[int], rows_list, reps: int = 8) -> dict:
+    """Median wall time of one target decode of r rows (greedy tokens, rolled back), per r."""
+    ctx = pair.target_ctx
+    out = {}
+    for r in rows_list:
+        ctx.reset()
+        ctx.decode(prompt, "last")
+        n0 = len(prompt)
+        ts = []
+        for i in range(reps + 1):
+            toks = [int(prompt[(i + j) % len(prompt)]) for j in range(r)]
+            t = time.perf_counter()
+            ctx.decode(toks, "all")
+            if i:                                     # the first is a warm-up
+                ts.append(time.perf_counter() - t)
+            ctx.rollback(n0)
+        out[int(r)] = float(statistics.median(ts))
     return out
 
 
@@ -739,7 +789,9 @@ def main(argv=None) -> int:
     phases: dict[str, list] = {}
     for c in todo:
         phases.setdefault(phase_of(c, a), []).append(c)
-    order = sorted(phases, key=lambda k: (k == "gpu-ref", k != f"{a.main_budget:g}", k))
+    # the all-GPU reference first: every roofline needs its pass times, and it must never be the cell cut
+    order = sorted(phases, key=lambda k: (k != "gpu-ref", k != f"{a.main_budget:g}", k))
+    gpu_pass_rows = None
     gpu_pass = None
     timed_out = False
     for ph in order:
@@ -763,6 +815,10 @@ def main(argv=None) -> int:
             if pair.cache is not None and "slot_upload_gbps" not in doc["bandwidth"]:
                 doc["bandwidth"].update(measure_slot_upload(pair))
                 log("  slot upload:", {k: v for k, v in doc["bandwidth"].items() if k.startswith("slot_")})
+            if s == "llama_ar_gpu" and gpu_pass_rows is None:
+                gpu_pass_rows = measure_pass_rows(pair, prompts[0], sorted({1, a.draft_max + 1}))
+                doc["gpu_pass_rows_s"] = gpu_pass_rows
+                log("  all-GPU pass time by rows:", gpu_pass_rows)
             accs = [acc for cs_, b_, acc in cs if (cs_, b_) == key]
             K0 = a.draft_max if s in SD_SYSTEMS else 0
             # warm-up: one untimed run on the calibration prompt (kernels, page cache, cache fill)
@@ -805,7 +861,7 @@ def main(argv=None) -> int:
     else:
         basis = "measured: llama_ar_gpu target decode time per pass (1 row)"
     for r in doc["results"]:
-        r["roofline"] = roofline(r, lay, bw, gpu_pass, basis)
+        r["roofline"] = roofline(r, lay, bw, gpu_pass, basis, gpu_pass_rows)
     doc["timed_out"] = timed_out
     doc["wall_s"] = time.perf_counter() - T0
     save()

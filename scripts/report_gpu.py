@@ -46,11 +46,17 @@ def find(res, system, budget=None, acc=None, routing=None):
     return None
 
 
+def _pass(p: dict | None) -> str:
+    if not p:
+        return "–"
+    return f"{1e3 * p['measured_s']:.1f} ({1e3 * p['roofline_s']:.1f}, {p['ratio']:.2f}×)"
+
+
 def table(doc) -> str:
     res = sorted(doc["results"], key=_key)
     head = ("| routing | system | budget (actual) | a set | a meas. | tok/s median [min–max] | × SD-cpu | × AR-cpu | passes | "
             "hit rate | in-pass loads | copied MB | draft ms/tok | target decode ms/tok | engine ms/tok | roofline tok/s | "
-            "% of roofline |")
+            "% of roofline | pass ms (bound ms, ×) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res:
         n = r["n_generated"] or 1
@@ -69,7 +75,7 @@ def table(doc) -> str:
             f"| {(r['bytes_copied'] + r.get('inpass_bytes', 0)) / 1e6:.0f} "
             f"| {1e3 * b['draft_s'] / n:.1f} | {1e3 * b['target_decode_s'] / n:.1f} "
             f"| {1e3 * (b['engine_publish_s'] + b['engine_plan_s']) / n:.2f} "
-            f"| {_f(roof.get('tps'))} | {_f(roof.get('fraction'), '{:.0%}')} |")
+            f"| {_f(roof.get('tps'))} | {_f(roof.get('fraction'), '{:.0%}')} | {_pass(roof.get('pass'))} |")
     return "\n".join(lines)
 
 
@@ -96,6 +102,10 @@ def ratios(doc) -> str:
                 roof = sp.get("roofline", {}).get("split_fraction")
                 if roof:
                     parts.append(f"{roof:.0%} of the split roofline (goal ≥ 80%)")
+                pas = sp.get("roofline", {}).get("pass")
+                if pas:
+                    parts.append(f"pass {1e3 * pas['measured_s']:.1f} ms = {pas['ratio']:.2f}× its bound "
+                                 f"{1e3 * pas['roofline_s']:.1f} ms" + (" (goal ≤ 1.3×)" if a is not None else ""))
                 what = f"a = {a:.1f}" if a is not None else "K = 0"
                 out.append(f"- {ro}: {me} at budget {b:.0%}, {what}: " + ", ".join(parts))
     if not out:
@@ -177,7 +187,9 @@ def render(doc, json_name: str, png_name: str, plot_note: str | None) -> str:
         "Columns: `a meas.` = accepted / examined drafts; `× SD-cpu` = tok/s over llama_sd_cpu at the same a; "
         "`hit rate` = routed (row, layer, k) entries served from GPU memory (for no-cache systems: the share of expert "
         "layers on the GPU); `roofline` = drafting as measured + per pass the all-GPU pass time + the uncached experts "
-        "that pass touched streamed once at DRAM bandwidth (see `roofline.basis` in the JSON).",
+        "that pass touched streamed once at DRAM bandwidth (see `roofline.basis` in the JSON); `pass ms (bound ms, ×)` = "
+        "target decode time per pass against max(its CPU expert bytes / DRAM read, its in-pass upload bytes / slot "
+        "upload bandwidth) + the all-GPU pass time of the same rows (llama_ar_gpu, measured in this run).",
         "",
         "Ratios:",
         ratios(doc),

@@ -163,10 +163,43 @@ def test_inpass_respects_priority_and_share(model, threads):
     assert (held[cache.cached_layers] >= 0).all()
     low = np.full_like(never, 0.5)
     low[np.arange(cache.n_layers)[:, None], np.maximum(held, 0)] = 1.0
-    cache.set_inpass(1.0, 1 << 20, low, 0.0)
-    ctx.decode([int(t) for t in np.random.default_rng(3).integers(100, 1000, 8)], "last")
+    rows = 8
+    cache.set_inpass(1.0, rows * lay.n_expert_used - 1, low, 0.0)     # loads capped: the host branch stays
+    ctx.decode([int(t) for t in np.random.default_rng(3).integers(100, 1000, rows)], "all")
     cache.sync()
     assert np.array_equal(cache.slot_expert, held)
+
+
+def test_passes_that_fit_run_all_in_slots(model, threads):
+    """With share 1 there is no host branch: a pass runs in row chunks whose experts fit in the slots,
+    each planned right before it runs. Every routed expert of the last chunk is in a slot after the
+    pass, even where priorities (bonus 0) would refuse the eviction with a host branch, and the
+    logits stay bit-identical to the uncached context."""
+    m, lay = model
+    k = lay.n_expert_used
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    cache = ExpertCache(ctx.ptr, n_slots=2 * k, on_host=True)
+    routing = native.NativeRouting(ctx.ptr, m.n_layer, k)
+    toks = m.tokenize(PROMPTS[1])
+    assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
+    rng = np.random.default_rng(7)
+    for step in range(12):
+        cache.sync()
+        prio = np.full((cache.n_layers, cache.n_expert), 0.1, np.float32)
+        held = cache.slot_expert
+        l, s_ = np.nonzero(held >= 0)
+        prio[l, held[l, s_]] = 1.0                       # what is cached outranks every miss
+        cache.set_inpass(1.0, 1 << 20, prio, 0.0)
+        chunk = [int(t) for t in rng.integers(100, 1000, size=1 + step % 6)]   # > 2 rows: planned in chunks
+        routing.begin()
+        assert np.array_equal(ref.decode(chunk, "all"), ctx.decode(chunk, "all")), f"step {step}"
+        ids = routing.end(len(chunk))
+        cache.sync()
+        last = ids[-(len(chunk) % 2 or 2):]                  # 2k slots: chunks of 2 rows
+        for il in lay.moe_layers:
+            mapped = set(cache.slot_expert[il][cache.mapped[il]].tolist())
+            assert set(last[:, il].ravel().tolist()) <= mapped, f"step {step} layer {il}"
 
 
 def test_routing_replay_computes_the_given_experts(model, threads):
