@@ -204,9 +204,9 @@ class Probe:
         if eng is not None:
             bv, av = eng.before_verify, eng.after_verify
 
-            def b():
+            def b(*args):
                 t = time.perf_counter()
-                bv()
+                bv(*args)
                 self.engine_before_s += time.perf_counter() - t
 
             def a(ids, acc):
@@ -360,8 +360,8 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
                          budget=f"{budget * 100:g}%", hw=a.hw, draft_max=a.draft_max,
                          calibration=calib_path if pol == "static" else None,
                          inpass=(False if a.fake_cache else
-                                 InPass(share=a.spac_share, routed_bonus=1.0) if a.inpass and pol == "spac"
-                                 and a.spac_share is not None else a.inpass and pol in ("lru", "spac")), **kw)
+                                 InPass(share=None if a.spac_share == "auto" else float(a.spac_share), routed_bonus=1.0)
+                                 if a.inpass and pol == "spac" else a.inpass and pol in ("lru", "spac")), **kw)
         info.update(slots_per_layer=pair.cache.n_slots, inpass=str(pair.engine.inpass),
                     budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
                     policy=pol, hw=a.hw)
@@ -661,9 +661,17 @@ def main(argv=None) -> int:
                     help=f"comma list of {', '.join(ROUTINGS)} (model: no replay)")
     ap.add_argument("--no-pinned", dest="pinned", action="store_false", help="host experts mmapped, not pinned")
     ap.add_argument("--no-inpass", dest="inpass", action="store_false", help="cache systems without in-pass loads")
-    ap.add_argument("--spac-share", type=float, default=None,
-                    help="spac's in-pass share of a pass's misses (default 1: every miss; the rest run on the CPU)")
+    ap.add_argument("--spac-share", default="auto",
+                    help="spac's in-pass share of a pass's misses uploaded (the rest run on the CPU): a number, or "
+                         "auto (the library default: the balancer's split per pass, 1 when the pass fits the slots)")
     a = ap.parse_args(argv)
+    if a.spac_share != "auto":
+        try:
+            ok = 0.0 <= float(a.spac_share) <= 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            ap.error(f"--spac-share must be auto or a number in [0, 1], not {a.spac_share!r}")
     if a.measure_bw:
         print(json.dumps(measure_bandwidths()))
         return 0

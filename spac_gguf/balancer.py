@@ -286,3 +286,23 @@ def _loads_for(cached: np.ndarray, res: np.ndarray, resident: np.ndarray, d: np.
     free = np.argsort(np.where(stays, np.inf, key), axis=1, kind="stable")
     l, i = np.nonzero(np.arange(S)[None, :] < n_new[:, None])
     return list(zip(l.tolist(), new[l, i].tolist(), free[l, i].tolist()))
+
+
+def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_expert: int, n_slots: int) -> float:
+    """The per-pass split (the fast path that runs before every verify): the share of a layer's
+    distinct misses the GPU uploads and computes, the rest going to the CPU at the same time.
+
+    When every expert a pass can route fits in the slots (rows x k <= slots: plain decoding on any
+    budget worth having) the answer is 1: no host branch at all, since its fixed cost (a CPU graph
+    split per layer) exceeds an upload. Otherwise both pipes should finish together:
+    n x upload = (m - n) x cpu for m misses, so share = cpu / (cpu + upload) per distinct expert,
+    the CPU's cost including its per-row compute for the rows an expert takes in this pass.
+    """
+    if rows * k <= n_slots:
+        return 1.0
+    hw.require_complete()
+    distinct = n_expert * (1.0 - (1.0 - k / n_expert) ** rows)          # per layer, uniform routing
+    rows_per_expert = rows * k / max(distinct, 1.0)
+    up = expert_bytes / (hw.link_gbps * 1e9)
+    cpu = expert_bytes / (hw.cpu_expert_gbps * 1e9) + rows_per_expert * hw.cpu_s_per_expert_token * hw.row_scale(expert_bytes)
+    return float(cpu / (cpu + up))

@@ -5,8 +5,8 @@ that computes them) and evicts by the policy's priority; the engine re-reads the
 
     engine.after_verify(ids, accepted)   re-read the ledger, count hits of that verify, update the policy,
                                          plan, issue loads
-    engine.before_verify()               poll completed loads, publish maps (never an incomplete slot),
-                                         hand the in-pass policy (share, priorities) to the C side
+    engine.before_verify(rows)           poll completed loads, publish maps (never an incomplete slot),
+                                         hand the in-pass policy (share for these rows, priorities) to the C side
     engine.stats()                       policy, slots_per_layer, hits, misses, bytes_loaded, solve_us, fallbacks
 """
 from __future__ import annotations
@@ -22,10 +22,13 @@ import numpy as np
 @dataclass(frozen=True)
 class InPass:
     """How a pass treats its misses: up to ceil(share x misses) (at most max_loads) are copied into
-    slots and computed on the GPU, the rest by the CPU. A miss takes the slot of the lowest-priority
-    expert not routed now if that priority is below its own + routed_bonus x its rows in the pass:
-    inf always evicts (LRU, the upstream design); spac uses 1 (a routed row is one unit of utility)."""
-    share: float = 1.0
+    slots and computed on the GPU, the rest by the CPU; share None: the balancer's split for the
+    pass's rows (`balancer.inpass_share`). With share 1 the C side drops the host branch and runs
+    the pass in row chunks that fit the slots, every miss evicting the lowest-priority expert the
+    pass does not need. With a host branch a miss takes the slot of the lowest-priority expert not
+    routed now only if that priority is below its own + routed_bonus x its rows in the pass: inf
+    always evicts (LRU, the upstream design); spac uses 1 (a routed row is one unit of utility)."""
+    share: float | None = 1.0
     max_loads: int = 1 << 20
     routed_bonus: float = math.inf
 
@@ -44,13 +47,15 @@ class SlotStore(Protocol):
 
 class Engine:
     def __init__(self, store: SlotStore, policy, load_budget_bytes: int, inpass: InPass | None = None,
-                 plan_every: int = 1):
+                 plan_every: int = 1, split=None):
         self.store, self.policy = store, policy
         self.load_budget_bytes = int(load_budget_bytes)
         self.inpass = inpass
         self.plan_every = max(1, int(plan_every))      # plan loads after every n-th pass (budget x n)
         self._passes = 0
+        self.split = split                              # rows -> share, when inpass.share is None
         self._sent: np.ndarray | None = None            # the priority the C side holds
+        self._sent_share: float | None = None
         L = store.n_layers
         self.inflight: dict[tuple[int, int], int] = {}        # (layer, slot) -> expert arriving
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
@@ -62,7 +67,7 @@ class Engine:
         if sync is not None:
             sync()                                          # in-pass loads (any decode, prompts too) moved slots
 
-    def before_verify(self) -> None:
+    def before_verify(self, rows: int = 1) -> None:
         self._sync()
         for key in self.store.poll():
             self.inflight.pop(key, None)
@@ -72,10 +77,13 @@ class Engine:
         l, s = np.nonzero(res >= 0)
         self.live[l, res[l, s]] = True
         if self.inpass is not None:
+            share = self.inpass.share
+            if share is None:
+                share = self.split(rows) if self.split is not None else 1.0
             pr = np.asarray(self.priority(), np.float32)
-            if self._sent is None or not np.array_equal(pr, self._sent):
-                self.store.set_inpass(self.inpass.share, self.inpass.max_loads, pr, self.inpass.routed_bonus)
-                self._sent = pr
+            if self._sent is None or share != self._sent_share or not np.array_equal(pr, self._sent):
+                self.store.set_inpass(share, self.inpass.max_loads, pr, self.inpass.routed_bonus)
+                self._sent, self._sent_share = pr, share
 
     def priority(self) -> np.ndarray:
         """[n_layers, n_expert]: which experts deserve a slot (the estimator's utility, else the policy's score)."""

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import os
 import threading
 import time
@@ -54,7 +55,7 @@ class TargetVerifier:
 
     def verify(self, tokens: list[int]) -> np.ndarray:
         if self.engine is not None:
-            self.engine.before_verify()
+            self.engine.before_verify(len(tokens))
         if self.routing is not None:
             self.routing.begin()
         logits = self.ctx.decode(tokens, "all")
@@ -156,6 +157,7 @@ class ModelPair:
                       inpass: "bool | InPass | None"):
         """Expert cache + policy + asynchronous engine on the target context."""
         from .balancer import InfeasibleBudget, slots_for_budget
+        from .balancer import inpass_share
         from .cache import ExpertCache
         from .engine import Engine
         from .hardware import load_profile
@@ -192,11 +194,10 @@ class ModelPair:
         pol = make_policy(policy, self.cache.n_layers, self.cache.n_expert, self.cache.expert_bytes,
                           hw=profile, calibration=calib)
         # in-pass loads: misses copied into GPU slots during the pass. lru: every miss, evicting the least
-        # recent (the upstream llama.cpp design); spac: every miss too, but it only evicts an expert whose
-        # utility is below the miss's + 1 (one certain use now), and the MIP's prefetch runs every 4th
-        # pass (in-pass loads cover the misses between). A CPU share of the misses lost on the H200 (share
-        # 0.55 from the profile's bandwidths: 50.6 vs 79.5 tok/s for lru, docs/BENCHMARKS.md), so none.
-        # Slots in host memory gain nothing from it (off by default there).
+        # recent (the upstream llama.cpp design, CPU share 0); spac: the balancer's split per pass (all
+        # misses when the pass's experts fit the slots, else the share that makes upload and CPU finish
+        # together), evicting by the estimator's utility, and the MIP's prefetch runs every 4th pass
+        # (in-pass loads cover the misses between). Slots in host memory gain nothing from it (off there).
         if inpass is None:
             inpass = not on_host and policy in ("lru", "spac")
         if inpass and policy not in ("lru", "lfu", "spac"):
@@ -205,9 +206,11 @@ class ModelPair:
         if isinstance(inpass, InPass):
             ip = inpass
         elif inpass:
-            ip = InPass(routed_bonus=1.0) if policy == "spac" else InPass()
-        self.engine = Engine(self.cache, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
-                             plan_every=4 if ip is not None and policy == "spac" else 1)
+            ip = InPass(share=None, routed_bonus=1.0) if policy == "spac" else InPass()
+        c = self.cache
+        split = functools.partial(inpass_share, profile, c.expert_bytes, k=c.k, n_expert=c.n_expert, n_slots=c.n_slots)
+        self.engine = Engine(c, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
+                             plan_every=4 if ip is not None and policy == "spac" else 1, split=split)
 
     @property
     def routing_info(self) -> dict | None:

@@ -126,3 +126,24 @@ def test_infeasible_budgets_raise():
     assert slots_for_budget(10**15, B, 48, 128) == 128
     with pytest.raises(InfeasibleBudget):
         Balancer(HW, B).solve(np.ones((1, 4)), np.full((1, 2), -1, np.int32), -1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 6, 8])
+def test_inpass_share_balances_the_two_pipes(rows):
+    """Where the pass's experts fit in the slots the split is all-GPU; otherwise the share is the n/m
+    that brute force finds best for max(n uploads, m - n CPU experts) with the profile's costs."""
+    from spac_gguf.balancer import inpass_share
+    hw = HardwareProfile("t", link_gbps=40.0, cpu_expert_gbps=50.0, cpu_s_per_expert_token=2e-6,
+                         gpu_s_per_expert_token=1e-7, gpu_pass_s=0.005, draft_s_per_token=0.002)
+    B, k, E, S = 2_654_208, 8, 128, 21
+    s = inpass_share(hw, B, rows, k, E, S)
+    if rows * k <= S:
+        assert s == 1.0
+        return
+    distinct = E * (1 - (1 - k / E) ** rows)
+    up = B / 40e9
+    cpu = B / 50e9 + rows * k / distinct * 2e-6
+    m = 1000
+    best = min(range(m + 1), key=lambda n: max(n * up, (m - n) * cpu))
+    assert 0.0 < s < 1.0
+    assert abs(s - best / m) <= 1.0 / m

@@ -82,3 +82,27 @@ def test_hits_count_only_published_experts():
     eng.after_verify(ids, 1)                                    # now a hit
     st = eng.stats()
     assert (st["hits"], st["misses"], st["bytes_loaded"]) == (1, 2, B)
+
+
+def test_share_none_takes_the_balancers_split_per_pass():
+    """InPass(share=None): each verify hands the C side the split for its own row count, and only
+    when it (or the priorities) changed."""
+    from spac_gguf.engine import InPass
+
+    class Store(SimulatedSlotStore):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.sent = []
+
+        def set_inpass(self, share, max_loads, priority, routed_bonus):
+            self.sent.append(share)
+
+    store = Store(2, 8, 2, 1000, link_gbps=1.0)
+    eng = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=None), split=lambda rows: 1.0 if rows == 1 else 0.5)
+    for rows in (1, 1, 6, 6, 1):
+        eng.before_verify(rows)
+    assert store.sent == [1.0, 0.5, 1.0]
+    fixed = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=0.25), split=lambda rows: 0.5)
+    store.sent.clear()
+    fixed.before_verify(6)
+    assert store.sent == [0.25]

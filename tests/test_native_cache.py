@@ -168,6 +168,18 @@ def test_inpass_respects_priority_and_share(model, threads):
     ctx.decode([int(t) for t in np.random.default_rng(3).integers(100, 1000, rows)], "all")
     cache.sync()
     assert np.array_equal(cache.slot_expert, held)
+    # misses that outrank what the slots hold do evict it (same capped loads, so the host branch stays)
+    high = np.full_like(never, 2.0)
+    high[np.arange(cache.n_layers)[:, None], np.maximum(held, 0)] = 1.0
+    cache.set_inpass(1.0, lay.n_expert_used - 1, high, 0.0)             # one row at a time
+    n0 = cache.counters()["inpass_loads"]
+    for t in np.random.default_rng(4).integers(100, 1000, 16):
+        ctx.decode([int(t)], "all")
+        if cache.counters()["inpass_loads"] > n0:
+            break
+    cache.sync()
+    assert cache.counters()["inpass_loads"] > n0
+    assert not np.array_equal(cache.slot_expert, held)
 
 
 def test_passes_that_fit_run_all_in_slots(model, threads):
