@@ -288,21 +288,27 @@ def _loads_for(cached: np.ndarray, res: np.ndarray, resident: np.ndarray, d: np.
     return list(zip(l.tolist(), new[l, i].tolist(), free[l, i].tolist()))
 
 
-def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_expert: int, n_slots: int) -> float:
-    """The per-pass split (the fast path that runs before every verify): the share of a layer's
-    distinct misses the GPU uploads and computes, the rest going to the CPU at the same time.
+def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_expert: int, n_slots: int,
+                 miss_rate: float = 1.0) -> float:
+    """The per-pass split (the fast path that runs before every verify, in microseconds): the share
+    of a layer's distinct misses the GPU uploads and computes, the rest going to the CPU meanwhile.
 
-    When every expert a pass can route fits in the slots (rows x k <= slots: plain decoding on any
-    budget worth having) the answer is 1: no host branch at all, since its fixed cost (a CPU graph
-    split per layer) exceeds an upload. Otherwise both pipes should finish together:
-    n x upload = (m - n) x cpu for m misses, so share = cpu / (cpu + upload) per distinct expert,
-    the CPU's cost including its per-row compute for the rows an expert takes in this pass.
+    For m expected misses per layer (distinct experts of `rows` rows x the recent miss rate) it
+    compares all on the GPU, m uploads (no host branch; row chunks when the pass exceeds the
+    slots), with the best split: n uploads while the CPU takes m - n after the host branch's fixed
+    cost c0, n = (c0 + m cpu) / (upload + cpu) so that both pipes finish together. 1 means no host
+    branch. (Slots the pass's own hits hold cannot take a miss with a host branch: the C side caps
+    the loads at the free slots, so the split only fixes the order of magnitude there.)
     """
-    if rows * k <= n_slots:
-        return 1.0
     hw.require_complete()
+    miss_rate = min(max(float(miss_rate), 0.0), 1.0)
     distinct = n_expert * (1.0 - (1.0 - k / n_expert) ** rows)          # per layer, uniform routing
-    rows_per_expert = rows * k / max(distinct, 1.0)
+    m = distinct * miss_rate
+    if m <= 0.0:
+        return 1.0
     up = expert_bytes / (hw.link_gbps * 1e9)
+    rows_per_expert = rows * k / max(distinct, 1.0)
     cpu = expert_bytes / (hw.cpu_expert_gbps * 1e9) + rows_per_expert * hw.cpu_s_per_expert_token * hw.row_scale(expert_bytes)
-    return float(cpu / (cpu + up))
+    n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))
+    t_split = max(n * up, hw.host_branch_s + (m - n) * cpu)
+    return 1.0 if m * up <= t_split else float(n / m)

@@ -53,13 +53,14 @@ class Engine:
         self.inpass = inpass
         self.plan_every = max(1, int(plan_every))      # plan loads after every n-th pass (budget x n)
         self._passes = 0
-        self.split = split                              # rows -> share, when inpass.share is None
+        self.split = split                              # (rows, miss rate) -> share, when inpass.share is None
         self._sent: np.ndarray | None = None            # the priority the C side holds
         self._sent_share: float | None = None
         L = store.n_layers
         self.inflight: dict[tuple[int, int], int] = {}        # (layer, slot) -> expert arriving
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
         self.hits = self.misses = self.bytes_loaded = 0
+        self.miss_rate = 1.0                            # a cold cache misses everything
         self.solve_s: list[float] = []
 
     def _sync(self) -> None:
@@ -79,7 +80,7 @@ class Engine:
         if self.inpass is not None:
             share = self.inpass.share
             if share is None:
-                share = self.split(rows) if self.split is not None else 1.0
+                share = self.split(rows, self.miss_rate) if self.split is not None else 1.0
             pr = np.asarray(self.priority(), np.float32)
             if self._sent is None or share != self._sent_share or not np.array_equal(pr, self._sent):
                 self.store.set_inpass(share, self.inpass.max_loads, pr, self.inpass.routed_bonus)
@@ -98,6 +99,8 @@ class Engine:
         h = int(self.live[l[ok], ids[ok]].sum())
         self.hits += h
         self.misses += int(ok.sum()) - h
+        if ok.any():                                    # recent miss rate (EMA over passes) for the split
+            self.miss_rate += 0.2 * ((int(ok.sum()) - h) / int(ok.sum()) - self.miss_rate)
         self.policy.observe(ids, accepted)
         self._passes += 1
         if self._passes % self.plan_every:

@@ -34,6 +34,10 @@ class HardwareProfile:
     #   (its FLOPs), so the same profile prices a 66 KB SmolLM2 expert and a 2.65 MB Qwen3 one
     gpu_pass_s: float | None                # dense work of one verify pass on the GPU (attention, router, head)
     draft_s_per_token: float | None         # one draft token
+    # fixed cost per MoE layer of computing any misses on the CPU during a GPU pass (the graph split:
+    # activations down, the CPU's threads, results up, one more sync); fitted on the H200 from a
+    # sweep of the in-pass share (docs/BENCHMARKS.md), a default elsewhere until measured
+    host_branch_s: float = 2.5e-4
 
     def row_scale(self, expert_bytes: int) -> float:
         """Factor on the per-row costs for experts of `expert_bytes`."""
@@ -82,7 +86,8 @@ def _from_table(name: str, table: dict) -> HardwareProfile:
     unknown = set(table) - known
     if unknown:
         raise ValueError(f"[hw.{name}]: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    base = dataclasses.asdict(BUILTIN[name]) if name in BUILTIN else {k: None for k in known}
+    defaults = {f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(HardwareProfile)}
+    base = dataclasses.asdict(BUILTIN[name]) if name in BUILTIN else {k: defaults[k] for k in known}
     base.update({k: float(v) for k, v in table.items()})
     base["name"] = name
     if base.get("cpu_expert_gbps") is None or base.get("cpu_s_per_expert_token") is None:
@@ -139,4 +144,5 @@ def calibrate(name: str | None = None, base: str | HardwareProfile | None = None
         gpu_s_per_expert_token=b.gpu_s_per_expert_token if b else None,
         gpu_pass_s=b.gpu_pass_s if b else None,
         draft_s_per_token=b.draft_s_per_token if b else None,
+        host_branch_s=b.host_branch_s if b else HardwareProfile.host_branch_s,
     )

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import codecs
-import functools
 import os
 import threading
 import time
@@ -208,7 +207,8 @@ class ModelPair:
         elif inpass:
             ip = InPass(share=None, routed_bonus=1.0) if policy == "spac" else InPass()
         c = self.cache
-        split = functools.partial(inpass_share, profile, c.expert_bytes, k=c.k, n_expert=c.n_expert, n_slots=c.n_slots)
+        def split(rows: int, miss_rate: float) -> float:
+            return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate)
         self.engine = Engine(c, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
                              plan_every=4 if ip is not None and policy == "spac" else 1, split=split)
 

@@ -128,22 +128,26 @@ def test_infeasible_budgets_raise():
         Balancer(HW, B).solve(np.ones((1, 4)), np.full((1, 2), -1, np.int32), -1)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 6, 8])
-def test_inpass_share_balances_the_two_pipes(rows):
-    """Where the pass's experts fit in the slots the split is all-GPU; otherwise the share is the n/m
-    that brute force finds best for max(n uploads, m - n CPU experts) with the profile's costs."""
+@pytest.mark.parametrize("rows,miss_rate", [(1, 1.0), (1, 0.8), (1, 0.25), (6, 0.7), (6, 0.2), (8, 1.0)])
+def test_inpass_share_is_the_best_split(rows, miss_rate):
+    """The share minimises the layer's time against a brute-force search over every number of
+    uploads n of the m expected misses: all on the GPU (m uploads, no host branch, share 1) or
+    max(n uploads, host-branch cost + (m - n) CPU experts)."""
     from spac_gguf.balancer import inpass_share
     hw = HardwareProfile("t", link_gbps=40.0, cpu_expert_gbps=50.0, cpu_s_per_expert_token=2e-6,
-                         gpu_s_per_expert_token=1e-7, gpu_pass_s=0.005, draft_s_per_token=0.002)
+                         gpu_s_per_expert_token=1e-7, gpu_pass_s=0.005, draft_s_per_token=0.002, host_branch_s=2e-4)
     B, k, E, S = 2_654_208, 8, 128, 21
-    s = inpass_share(hw, B, rows, k, E, S)
-    if rows * k <= S:
-        assert s == 1.0
-        return
+    s = inpass_share(hw, B, rows, k, E, S, miss_rate)
     distinct = E * (1 - (1 - k / E) ** rows)
+    m = distinct * miss_rate
     up = B / 40e9
     cpu = B / 50e9 + rows * k / distinct * 2e-6
-    m = 1000
-    best = min(range(m + 1), key=lambda n: max(n * up, (m - n) * cpu))
-    assert 0.0 < s < 1.0
-    assert abs(s - best / m) <= 1.0 / m
+    grid = np.linspace(0.0, m, 20001)
+    t = np.maximum(grid * up, 2e-4 + (m - grid) * cpu)
+    best_split = float(t.min())
+    if m * up <= best_split:
+        assert s == 1.0
+    else:
+        assert s < 1.0
+        n = s * m
+        assert max(n * up, 2e-4 + (m - n) * cpu) <= best_split * (1 + 1e-3)
