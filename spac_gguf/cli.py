@@ -203,6 +203,71 @@ def run(
 
 @app.command()
 @_guarded
+def serve(
+    target: Optional[Path] = typer.Argument(None, help="target GGUF (default: the demo pair)"),
+    model: Optional[Path] = typer.Option(None, "-m", "--model", help="target GGUF (same as TARGET)"),
+    draft: Optional[Path] = typer.Option(None, "-md", "--model-draft", "--draft", help="draft GGUF"),
+    pair: Optional[str] = typer.Option(None, "--pair", help="a pair from models.toml"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8080, "--port"),
+    alias: Optional[str] = typer.Option(None, "--alias", help="model name clients use (default: the target's file stem)"),
+    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="K: most tokens drafted per round"),
+    ctx: int = typer.Option(4096, "-c", "--ctx-size"),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
+    gpu_layers: int = typer.Option(0, "-ngl", "--gpu-layers", "--n-gpu-layers"),
+    policy: str = typer.Option("none", "--policy", help="expert cache policy: none, static, lru, lfu, spac"),
+    cache_slots: Optional[int] = typer.Option(None, "--cache-slots", help="cache slots per MoE layer"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="cache size: 2GiB, 512MB or 25% of expert bytes"),
+    hw: Optional[str] = typer.Option(None, "--hw", help="hardware profile (models.toml [hw.*])"),
+    mmap: bool = typer.Option(True, "--mmap/--no-mmap",
+                              help="with -ngl: --no-mmap reads host experts into pinned memory (uploads at link speed)"),
+    inpass: Optional[bool] = typer.Option(None, "--inpass/--no-inpass", help="in-pass loads of misses (see run)"),
+):
+    """Serve TARGET over an OpenAI-compatible HTTP API (llama-server's flags where they exist)."""
+    import socket
+
+    from .pair import load
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be in 1..65535 (got {port})")
+    if ctx < 16:
+        raise UsageError(f"-c must be >= 16 (got {ctx})")
+    if draft_max is not None and draft_max < 0:
+        raise UsageError(f"--draft-max must be >= 0 (got {draft_max})")
+    if cache_slots is not None and budget is not None:
+        raise UsageError("give --cache-slots or --budget, not both")
+    try:                                                  # fail before loading a model, not after
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        import uvicorn
+
+        from .server import make_app
+    except ImportError as e:
+        raise UsageError(f"serve needs fastapi and uvicorn ({e.name} is missing): pip install fastapi uvicorn") from None
+    tpath, dpath, spec = _resolve_models(target or model, draft, pair)
+    K = draft_max if draft_max is not None else (spec.draft_max if spec else 4)
+    p = load(tpath, dpath, n_gpu_layers=gpu_layers, n_ctx=ctx, n_threads=threads, policy=policy,
+             cache_slots=cache_slots, budget=budget, hw=hw, draft_max=K,
+             pinned_experts=False if mmap else None, inpass=inpass)
+    name = alias or Path(tpath).stem
+    application = make_app(p, alias=name, draft_max=K)
+    sys.stderr.write(f"spac-gguf: serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)\n")
+    server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    finally:
+        application.state.worker.stop()
+        p.close()
+    if server.should_exit and not server.started:
+        raise UsageError(f"the server on {host}:{port} did not start")
+    raise typer.Exit(130 if server.should_exit else 0)
+
+
+@app.command()
+@_guarded
 def inspect(model: Path = typer.Argument(..., help="a GGUF file"),
             as_json: bool = typer.Option(False, "--json")):
     """Describe a GGUF: architecture, experts, byte layout."""

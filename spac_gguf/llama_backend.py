@@ -252,6 +252,26 @@ class LlamaModel:
         self._check_open()
         return bool(llc.llama_vocab_is_eog(self.vocab, token))
 
+    def chat_template(self) -> str | None:
+        """The GGUF's default chat template (tokenizer.chat_template), or None."""
+        self._check_open()
+        t = llc.llama_model_chat_template(self.ptr, None)
+        return t.decode("utf-8", "replace") if t else None
+
+    def special_tokens(self) -> dict[str, str]:
+        """bos/eos as text (what chat templates call bos_token / eos_token); empty where absent."""
+        self._check_open()
+        out = {}
+        for name, fn in (("bos_token", llc.llama_vocab_bos), ("eos_token", llc.llama_vocab_eos)):
+            tok = fn(self.vocab)
+            text = ""
+            if tok >= 0:
+                buf = ctypes.create_string_buffer(128)
+                n = llc.llama_token_to_piece(self.vocab, tok, buf, 128, 0, True)
+                text = buf.raw[:max(n, 0)].decode("utf-8", "replace")
+            out[name] = text
+        return out
+
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
         n = llc.llama_model_meta_val_str(self.ptr, key.encode(), buf, 256)
