@@ -50,6 +50,54 @@ def _guarded(fn):
     return wrapper
 
 
+class StatusLine:
+    """One live status (tokens/s, acceptance, K, cache hit rate, bytes loaded) on stderr while
+    generating in a terminal, redrawn at most 4 times a second and erased before more text comes.
+    When stdout is the same terminal the status sits after the text of the current line (dimmed), and
+    erasing it rewrites that partial line; it is not shown where it would wrap."""
+
+    def __init__(self, stream, enabled: bool, same_tty: bool, every_s: float = 0.25):
+        self.stream, self.enabled, self.same_tty, self.every_s = stream, enabled, same_tty, every_s
+        self.shown = False
+        self.t_last = 0.0
+        self.line = ""                                  # text after the last newline on stdout
+
+    def text(self, piece: str) -> None:
+        self.line = (self.line + piece).rsplit("\n", 1)[-1]
+
+    def update(self, stats, cache: dict | None) -> None:
+        import shutil
+        import time
+        now = time.perf_counter()
+        if not self.enabled or now - self.t_last < self.every_s:
+            return
+        self.t_last = now
+        parts = [f"{stats.n_generated} tok", f"{stats.tokens_per_second:.1f} tok/s"]
+        if stats.acceptance_rate is not None:
+            parts.append(f"accept {stats.acceptance_rate:.2f}")
+        if stats.k_counts:
+            parts.append(f"K {max(stats.k_counts, key=stats.k_counts.get)}")
+        if cache:
+            if cache.get("hit_rate") is not None:
+                parts.append(f"hit {cache['hit_rate']:.0%}")
+            loaded = (cache.get("bytes_loaded") or 0) + (cache.get("inpass_bytes") or 0)
+            parts.append(f"{loaded / 1e6:.0f} MB loaded")
+        status = "[" + " | ".join(parts) + "]"
+        prefix = self.line if self.same_tty else ""
+        if len(prefix) + 2 + len(status) >= shutil.get_terminal_size((80, 24)).columns or "\t" in prefix:
+            self.clear()
+            return
+        self.stream.write("\r\033[K" + prefix + ("  " if prefix else "") + "\033[2m" + status + "\033[0m")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K" + (self.line if self.same_tty else ""))
+            self.stream.flush()
+            self.shown = False
+
+
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
 
 
@@ -156,14 +204,22 @@ def run(
     rec = TraceRecorder(p.trace_meta(K)) if trace else None
     toks, text = [], []
     last = None
-    for tok in p.generate(prompt, max_tokens=n_predict, temperature=temp, top_p=top_p, seed=seed,
-                          draft_max=K if dpath else 0, adaptive=adaptive, recorder=rec):
-        toks.append(tok.token)
-        text.append(tok.text)
-        last = tok
-        if not as_json:
-            sys.stdout.write(tok.text)
-            sys.stdout.flush()
+    tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    status = StatusLine(sys.stderr, enabled=not as_json and tty, same_tty=tty and sys.stdout.isatty())
+    try:
+        for tok in p.generate(prompt, max_tokens=n_predict, temperature=temp, top_p=top_p, seed=seed,
+                              draft_max=K if dpath else 0, adaptive=adaptive, recorder=rec):
+            toks.append(tok.token)
+            text.append(tok.text)
+            last = tok
+            if not as_json:
+                status.clear()
+                sys.stdout.write(tok.text)
+                sys.stdout.flush()
+                status.text(tok.text)
+                status.update(tok.stats, p.cache_stats())
+    finally:
+        status.clear()
     stats = last.stats if last else None
     for note in p.notices:
         sys.stderr.write(f"spac-gguf: {note}\n")

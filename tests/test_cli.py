@@ -154,3 +154,34 @@ def test_expert_pattern_selects_layers():
     assert len(every) == 12
     some = [n for n in names if re.search(expert_pattern((1, 2)), n)]
     assert sorted(some) == sorted(f"blk.{i}.ffn_{p}_exps.weight" for i in (1, 2) for p in ("up", "gate", "down"))
+
+
+def test_status_line_in_a_terminal_only(qwen):
+    """With stderr a terminal (a pty here) the run shows a live status line and erases it before the
+    summary; with stderr a pipe (every other test) there is no escape code at all."""
+    import os
+    import pty
+    t, d = qwen
+    master, slave = pty.openpty()
+    env = dict(os.environ, TERM="xterm")
+    p = subprocess.Popen([sys.executable, "-m", "spac_gguf.cli", "run", str(t), "--draft", str(d), "-n", "24",
+                          "-t", str(n_test_threads()), "-p", "Hello"], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            b = os.read(master, 4096)
+        except OSError:
+            break
+        if not b:
+            break
+        chunks.append(b)
+    p.wait(timeout=120)
+    os.close(master)
+    err = b"".join(chunks).decode("utf-8", "replace")
+    assert p.returncode == 0
+    assert "\r\x1b[K\x1b[2m[" in err and "tok/s" in err          # the status was drawn
+    summary = err.split("\r\x1b[K")[-1]                           # what is left after the last erase
+    assert summary.lstrip().startswith("[24 tokens") and "\x1b[2m" not in summary
+    plain = cli("run", str(t), "--draft", str(d), "-n", "8", "-t", str(n_test_threads()))
+    assert "\x1b[" not in plain.stderr
