@@ -50,6 +50,37 @@ def _guarded(fn):
     return wrapper
 
 
+def _auto_fit(tpath, dpath, ctx: int, gpu_layers, policy, cache_slots, budget, cpu: bool):
+    """(n_gpu_layers, policy, cache_slots, extra load() kwargs): the user's flags where given, else
+    the auto-fit plan when a GPU is present (printed as one block on stderr), else the CPU path."""
+    from . import autofit, gguf_layout
+    if cpu:
+        if gpu_layers:
+            raise UsageError("--cpu and -ngl contradict each other")
+        return 0, policy or "none", cache_slots, {}
+    dev = autofit.device_memory() if gpu_layers is None else None
+    if dev is None:
+        return gpu_layers or 0, policy or "none", cache_slots, {}
+    lay = gguf_layout.describe(tpath)
+    kv = autofit.kv_bytes(tpath, ctx) + (autofit.kv_bytes(dpath, ctx) if dpath else 0)
+    fit = autofit.plan_for(lay, draft_bytes=Path(dpath).stat().st_size if dpath else 0, kv=kv, free=dev.free,
+                       device=dev.name)
+    extra = {}
+    if fit.mode == "gpu":
+        extra["experts_on_cpu"] = False
+        policy = policy or "none"
+    elif fit.mode == "cache":
+        policy = policy or "spac"
+        if cache_slots is None and budget is None and policy != "none":
+            cache_slots = fit.slots_per_layer
+    else:
+        policy = policy or "none"
+    sys.stderr.write("spac-gguf: auto-fit (override with -ngl, --policy, --budget, --cache-slots; --cpu: no GPU)\n")
+    for line in fit.lines():
+        sys.stderr.write(f"  {line}\n")
+    return 99, policy, cache_slots, extra
+
+
 class StatusLine:
     """One live status (tokens/s, acceptance, K, cache hit rate, bytes loaded) on stderr while
     generating in a terminal, redrawn at most 4 times a second and erased before more text comes.
@@ -157,9 +188,13 @@ def run(
                                   help="choose K per round up to --draft-max (off: always --draft-max)"),
     ctx: int = typer.Option(2048, "-c", "--ctx-size"),
     threads: Optional[int] = typer.Option(None, "-t", "--threads"),
-    gpu_layers: int = typer.Option(0, "-ngl", "--gpu-layers", "--n-gpu-layers"),
+    gpu_layers: Optional[int] = typer.Option(None, "-ngl", "--gpu-layers", "--n-gpu-layers",
+                                             help="layers on the GPU (default: auto-fit when a GPU is present, else 0)"),
+    cpu: bool = typer.Option(False, "--cpu", help="no GPU even if one is present"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="write the routing trace (.npz)"),
-    policy: str = typer.Option("none", "--policy", help="expert cache policy: none, static, lru, lfu, spac"),
+    policy: Optional[str] = typer.Option(None, "--policy",
+                                         help="expert cache policy: none, static, lru, lfu, spac (default: spac when "
+                                              "auto-fit caches experts, else none)"),
     cache_slots: Optional[int] = typer.Option(None, "--cache-slots", help="cache slots per MoE layer"),
     budget: Optional[str] = typer.Option(None, "--budget", help="cache size: 2GiB, 512MB or 25% of expert bytes"),
     hw: Optional[str] = typer.Option(None, "--hw", help="hardware profile (models.toml [hw.*])"),
@@ -196,9 +231,11 @@ def run(
     K = draft_max if draft_max is not None else (spec.draft_max if spec else 4)
     if cache_slots is not None and budget is not None:
         raise UsageError("give --cache-slots or --budget, not both")
+    gpu_layers, policy, cache_slots, extra = _auto_fit(tpath, dpath, ctx, gpu_layers, policy, cache_slots, budget, cpu)
     p = load(tpath, dpath, n_gpu_layers=gpu_layers, n_ctx=ctx, n_threads=threads, policy=policy,
              cache_slots=cache_slots, budget=budget, hw=hw, calibration=calibration, draft_max=K,
-             slots_on_host=True if slots_on_host else None, pinned_experts=False if mmap else None, inpass=inpass)
+             slots_on_host=True if slots_on_host else None, pinned_experts=False if mmap else None, inpass=inpass,
+             **extra)
     if not p.is_moe:
         sys.stderr.write("spac-gguf: the target is dense (no routed experts): expert features are off\n")
     rec = TraceRecorder(p.trace_meta(K)) if trace else None
@@ -270,8 +307,10 @@ def serve(
     draft_max: Optional[int] = typer.Option(None, "--draft-max", help="K: most tokens drafted per round"),
     ctx: int = typer.Option(4096, "-c", "--ctx-size"),
     threads: Optional[int] = typer.Option(None, "-t", "--threads"),
-    gpu_layers: int = typer.Option(0, "-ngl", "--gpu-layers", "--n-gpu-layers"),
-    policy: str = typer.Option("none", "--policy", help="expert cache policy: none, static, lru, lfu, spac"),
+    gpu_layers: Optional[int] = typer.Option(None, "-ngl", "--gpu-layers", "--n-gpu-layers",
+                                             help="layers on the GPU (default: auto-fit when a GPU is present, else 0)"),
+    cpu: bool = typer.Option(False, "--cpu", help="no GPU even if one is present"),
+    policy: Optional[str] = typer.Option(None, "--policy", help="expert cache policy (default as in run)"),
     cache_slots: Optional[int] = typer.Option(None, "--cache-slots", help="cache slots per MoE layer"),
     budget: Optional[str] = typer.Option(None, "--budget", help="cache size: 2GiB, 512MB or 25% of expert bytes"),
     hw: Optional[str] = typer.Option(None, "--hw", help="hardware profile (models.toml [hw.*])"),
@@ -304,9 +343,10 @@ def serve(
         raise UsageError(f"serve needs fastapi and uvicorn ({e.name} is missing): pip install fastapi uvicorn") from None
     tpath, dpath, spec = _resolve_models(target or model, draft, pair)
     K = draft_max if draft_max is not None else (spec.draft_max if spec else 4)
+    gpu_layers, policy, cache_slots, extra = _auto_fit(tpath, dpath, ctx, gpu_layers, policy, cache_slots, budget, cpu)
     p = load(tpath, dpath, n_gpu_layers=gpu_layers, n_ctx=ctx, n_threads=threads, policy=policy,
              cache_slots=cache_slots, budget=budget, hw=hw, draft_max=K,
-             pinned_experts=False if mmap else None, inpass=inpass)
+             pinned_experts=False if mmap else None, inpass=inpass, **extra)
     name = alias or Path(tpath).stem
     application = make_app(p, alias=name, draft_max=K)
     sys.stderr.write(f"spac-gguf: serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)\n")

@@ -1,0 +1,126 @@
+"""Auto-fit: where a model pair goes when a GPU is present and the user gave no placement flags.
+
+Everything on the GPU if it fits; otherwise the dense part (attention, norms, router, head), the
+draft and both KV caches on the GPU, the routed experts in pinned host memory, and the GPU memory
+that is left (less compute buffers and a margin) as the expert cache, policy spac. The sizing is a
+pure function of the numbers (tested with made-up device memory); `device_memory` asks ggml.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import gguf_layout
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    name: str
+    free: int
+    total: int
+
+
+def device_memory() -> DeviceMemory | None:
+    """Free and total memory of the first GPU as ggml reports it, or None without one.
+    SPAC_TEST_GPU_FREE_MIB=N pretends a GPU with N MiB free (tests of the CLI path on a CPU build)."""
+    import os
+    fake = os.environ.get("SPAC_TEST_GPU_FREE_MIB")
+    if fake:
+        return DeviceMemory("test GPU (SPAC_TEST_GPU_FREE_MIB)", int(float(fake) * MiB), int(float(fake) * MiB))
+    from .llama_backend import _init_backend, _sibling_lib, gpu_available
+    _init_backend()
+    if not gpu_available():
+        return None
+    reg, base = _sibling_lib("ggml"), _sibling_lib("ggml-base")
+    if reg is None or base is None:
+        return None
+    reg.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    reg.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    dev = reg.ggml_backend_dev_by_type(1)                 # GGML_BACKEND_DEVICE_TYPE_GPU
+    if not dev:
+        return None
+    base.ggml_backend_dev_memory.restype = None
+    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    base.ggml_backend_dev_description.restype = ctypes.c_char_p
+    base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    name = (base.ggml_backend_dev_description(dev) or b"GPU").decode("utf-8", "replace")
+    return DeviceMemory(name, int(free.value), int(total.value))
+
+
+def kv_bytes(path: str | Path, n_ctx: int) -> int:
+    """F16 K and V for n_ctx positions in every layer (llama.cpp's default cache types)."""
+    h = gguf_layout.read_gguf(path, strings=False)
+    arch = h.get("general.architecture")
+    n_layer = int(h.get(f"{arch}.block_count", 0) or 0)
+    n_head = h.get(f"{arch}.attention.head_count", 0) or 0
+    n_head_kv = h.get(f"{arch}.attention.head_count_kv", n_head) or n_head
+    n_head = int(max(n_head) if isinstance(n_head, list) else n_head)
+    n_head_kv = int(max(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv)
+    n_embd = int(h.get(f"{arch}.embedding_length", 0) or 0)
+    k_len = int(h.get(f"{arch}.attention.key_length", 0) or (n_embd // n_head if n_head else 0))
+    v_len = int(h.get(f"{arch}.attention.value_length", 0) or k_len)
+    return n_layer * n_ctx * n_head_kv * (k_len + v_len) * 2
+
+
+@dataclass(frozen=True)
+class Fit:
+    mode: str                    # "gpu": everything on the GPU; "cache": experts on the host + a GPU cache;
+                                 # "host-experts": the cache would not hold one expert per layer
+    device: str
+    free: int
+    dense: int
+    experts: int
+    draft: int
+    kv: int
+    compute: int
+    margin: int
+    cache: int                   # bytes of expert slots
+    slots_per_layer: int
+    n_expert: int
+
+    def lines(self) -> list[str]:
+        g = lambda b: f"{b / (1 << 30):.2f} GiB"           # noqa: E731
+        out = [f"device       {self.device}, {g(self.free)} free",
+               f"on the GPU   dense {g(self.dense)}, draft {g(self.draft)}, KV {g(self.kv)}, "
+               f"compute {g(self.compute)}, margin {g(self.margin)}"]
+        if self.mode == "gpu":
+            out.append(f"experts      {g(self.experts)} on the GPU too: the whole model fits, no cache")
+        elif self.mode == "cache":
+            out.append(f"experts      {g(self.experts)} in pinned host memory; GPU cache {g(self.cache)} = "
+                       f"{self.slots_per_layer} of {self.n_expert} per layer ({self.slots_per_layer / self.n_expert:.0%}), policy spac")
+        else:
+            out.append(f"experts      {g(self.experts)} in host memory, computed by the CPU: "
+                       "the GPU has no room for one expert per layer")
+        return out
+
+
+def plan(*, dense: int, experts: int, bytes_per_expert: int, n_moe_layers: int, n_expert: int, vocab: int,
+         draft_bytes: int, kv: int, free: int, device: str = "GPU", compute: int | None = None,
+         margin: int | None = None) -> Fit:
+    """The placement for `free` bytes of GPU memory (see the module docstring)."""
+    if compute is None:                                  # both contexts' compute buffers, logits of a ubatch
+        compute = 768 * MiB + vocab * 4 * 512
+    if margin is None:
+        margin = max(512 * MiB, free // 20)
+    common = dict(device=device, free=free, dense=dense, experts=experts, draft=draft_bytes, kv=kv, compute=compute,
+                  margin=margin, n_expert=n_expert)
+    fixed = dense + draft_bytes + kv + compute + margin
+    if n_moe_layers == 0 or fixed + experts <= free:
+        return Fit(mode="gpu", cache=0, slots_per_layer=0, **common)
+    per_slot_row = n_moe_layers * bytes_per_expert        # one slot in every MoE layer
+    room = max(0, free - fixed)
+    slots = min(n_expert - 1, room // per_slot_row - 1) if per_slot_row else 0   # + the all-zero slot
+    if slots < 1:
+        return Fit(mode="host-experts", cache=0, slots_per_layer=0, **common)
+    return Fit(mode="cache", cache=int(slots * per_slot_row), slots_per_layer=int(slots), **common)
+
+
+def plan_for(layout: gguf_layout.ModelLayout, *, draft_bytes: int, kv: int, free: int, device: str = "GPU") -> Fit:
+    return plan(dense=layout.dense_bytes, experts=layout.expert_bytes, bytes_per_expert=layout.bytes_per_expert,
+                n_moe_layers=len(layout.moe_layers), n_expert=layout.n_expert, vocab=layout.vocab_size or 32000,
+                draft_bytes=draft_bytes, kv=kv, free=free, device=device)

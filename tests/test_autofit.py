@@ -1,0 +1,75 @@
+"""Auto-fit sizing with made-up device memory (the GPU machine checks it for real), and the CLI path
+with a pretend GPU on this CPU build (SPAC_TEST_GPU_FREE_MIB)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from spac_gguf import autofit, gguf_layout, testmodels
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return testmodels.make_pair(arch="qwen3moe", quant="Q8_0")
+
+
+def test_kv_bytes_from_the_gguf_hparams(pair):
+    r = gguf.GGUFReader(str(pair[0]))
+    f = {k: r.fields[k].parts[-1][0] for k in r.fields if k.startswith("qwen3moe.")}
+    n_layer, n_kv = int(f["qwen3moe.block_count"]), int(f["qwen3moe.attention.head_count_kv"])
+    head = int(f.get("qwen3moe.attention.key_length", int(f["qwen3moe.embedding_length"]) // int(f["qwen3moe.attention.head_count"])))
+    assert autofit.kv_bytes(pair[0], 1000) == n_layer * 1000 * n_kv * 2 * head * 2
+
+
+@pytest.mark.parametrize("free_gib,mode", [(40.0, "gpu"), (19.0, "cache"), (8.0, "cache"), (5.0, "cache"),
+                                           (4.0, "host-experts"), (2.5, "host-experts")])
+def test_plan_fills_the_gpu_and_never_overfills_it(free_gib, mode):
+    """The Qwen3-30B-A3B-shaped numbers: everything on the GPU when it fits, else the largest cache
+    that fits beside the fixed parts (and never more), else experts on the host."""
+    n_moe, E, B = 48, 128, 2_654_208
+    free = int(free_gib * (1 << 30))
+    fit = autofit.plan(dense=1_600_000_000, experts=n_moe * E * B, bytes_per_expert=B, n_moe_layers=n_moe, n_expert=E,
+                       vocab=151936, draft_bytes=800 * MiB, kv=400 * MiB, free=free)
+    fixed = fit.dense + fit.draft + fit.kv + fit.compute + fit.margin
+    row = n_moe * B
+    if fixed + n_moe * E * B <= free:
+        assert fit.mode == "gpu"
+    elif free - fixed < 2 * row:
+        assert fit.mode == "host-experts"
+    else:
+        assert fit.mode == "cache"
+        used = fixed + (fit.slots_per_layer + 1) * row          # + the all-zero slot
+        assert used <= free
+        assert fit.slots_per_layer == E - 1 or used + row > free   # the largest that fits
+        assert fit.cache == fit.slots_per_layer * row
+    assert fit.mode == mode
+
+
+def test_cli_prints_the_plan_and_stays_lossless(pair):
+    t, d = pair
+    lay = gguf_layout.describe(t)
+    kv = autofit.kv_bytes(t, 256) + autofit.kv_bytes(d, 256)
+    base = autofit.plan_for(lay, draft_bytes=os.path.getsize(d), kv=kv, free=0)
+    fixed = base.dense + base.draft + base.kv + base.compute + 512 * MiB
+    free_mib = (fixed + 4.5 * len(lay.moe_layers) * lay.bytes_per_expert) / MiB   # room for 3 slots + the zero slot
+    args = [sys.executable, "-m", "spac_gguf.cli", "run", str(t), "--draft", str(d), "-n", "12", "-c", "256",
+            "-t", "2", "-p", "Hello there", "--json"]
+    env = dict(os.environ, SPAC_TEST_GPU_FREE_MIB=f"{free_mib:.3f}")
+    auto = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert auto.returncode == 0, auto.stderr
+    assert "auto-fit" in auto.stderr and "GPU cache" in auto.stderr and "policy spac" in auto.stderr
+    res = json.loads(auto.stdout)
+    assert res["cache"]["policy"] == "spac" and res["cache"]["slots_per_layer"] == 3
+    cpu = subprocess.run(args + ["--cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert cpu.returncode == 0 and "auto-fit" not in cpu.stderr
+    assert json.loads(cpu.stdout)["tokens"] == res["tokens"]
+    assert json.loads(cpu.stdout)["cache"] is None
+    assert np.array_equal(json.loads(cpu.stdout)["tokens"], res["tokens"])
