@@ -146,12 +146,16 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def _resolve_models(target: Optional[Path], draft: Optional[Path], pair: Optional[str]):
+def _resolve_models(target: Optional[Path], draft: Optional[Path], pair: Optional[str],
+                    models_dir: Optional[Path] = None):
     """TARGET/DRAFT from flags, else the named (or default) pair from models.toml."""
     from .registry import pair_spec
     if target is not None:
         return target, draft, None
-    spec = pair_spec(pair)
+    spec = pair_spec(pair, models_dir)
+    if models_dir is not None:
+        sys.stderr.write(f"spac-gguf: pair {spec.name}: target {spec.target.name}"
+                         f"{', draft ' + spec.draft.name if spec.draft else ', no draft'}\n")
     if spec.name == "demo" and not spec.target.exists():
         _build_demo_with_progress()
     for role, p in (("target", spec.target), ("draft", spec.draft)):
@@ -178,6 +182,7 @@ def run(
     model: Optional[Path] = typer.Option(None, "-m", "--model", help="target GGUF (same as TARGET)"),
     draft: Optional[Path] = typer.Option(None, "-md", "--model-draft", "--draft", help="draft GGUF"),
     pair: Optional[str] = typer.Option(None, "--pair", help="a pair from models.toml"),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="folder where --pair looks for its GGUF files"),
     prompt: str = typer.Option("The quick brown fox", "-p", "--prompt"),
     n_predict: int = typer.Option(64, "-n", "--n-predict", help="tokens to generate"),
     temp: float = typer.Option(0.0, "--temp", help="temperature; 0 = greedy"),
@@ -227,7 +232,7 @@ def run(
     target = target or model
     if escape:
         prompt = unescape(prompt)
-    tpath, dpath, spec = _resolve_models(target, draft, pair)
+    tpath, dpath, spec = _resolve_models(target, draft, pair, models_dir)
     K = draft_max if draft_max is not None else (spec.draft_max if spec else 4)
     if cache_slots is not None and budget is not None:
         raise UsageError("give --cache-slots or --budget, not both")
@@ -301,6 +306,7 @@ def serve(
     model: Optional[Path] = typer.Option(None, "-m", "--model", help="target GGUF (same as TARGET)"),
     draft: Optional[Path] = typer.Option(None, "-md", "--model-draft", "--draft", help="draft GGUF"),
     pair: Optional[str] = typer.Option(None, "--pair", help="a pair from models.toml"),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="folder where --pair looks for its GGUF files"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port"),
     alias: Optional[str] = typer.Option(None, "--alias", help="model name clients use (default: the target's file stem)"),
@@ -341,7 +347,7 @@ def serve(
         from .server import make_app
     except ImportError as e:
         raise UsageError(f"serve needs fastapi and uvicorn ({e.name} is missing): pip install fastapi uvicorn") from None
-    tpath, dpath, spec = _resolve_models(target or model, draft, pair)
+    tpath, dpath, spec = _resolve_models(target or model, draft, pair, models_dir)
     K = draft_max if draft_max is not None else (spec.draft_max if spec else 4)
     gpu_layers, policy, cache_slots, extra = _auto_fit(tpath, dpath, ctx, gpu_layers, policy, cache_slots, budget, cpu)
     p = load(tpath, dpath, n_gpu_layers=gpu_layers, n_ctx=ctx, n_threads=threads, policy=policy,
