@@ -52,6 +52,17 @@ class TargetVerifier:
         self.routing_seconds = 0.0
         self._ids = None
 
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx
+
+    def prefill(self, tokens: list[int]) -> None:
+        if tokens:
+            self.ctx.decode(tokens, "last")
+
+    def keep(self, n_valid: int) -> None:
+        self.ctx.rollback(n_valid)
+
     def verify(self, tokens: list[int]) -> np.ndarray:
         if self.engine is not None:
             self.engine.before_verify(len(tokens))

@@ -21,19 +21,41 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from .draft_length import DraftLength
-from .llama_backend import LlamaContext
 from .sampling import Sampler
 
 
+class KVContext(Protocol):
+    """What the loop needs of a model context (llama_backend.LlamaContext is one)."""
+    n_ctx: int
+    n_past: int
+
+    def decode(self, tokens: list[int], logits: str = "last") -> np.ndarray: ...
+    def rollback(self, n_past: int) -> None: ...
+
+
 class Verifier(Protocol):
-    """The target side of a round: decode rows, then learn which of them became output."""
-    ctx: LlamaContext
+    """The target side of a round. It owns its KV cache: the loop never touches a backend."""
+    n_ctx: int
+
+    def prefill(self, tokens: list[int]) -> None:
+        """Put `tokens` into the KV cache (the prompt but its last token)."""
 
     def verify(self, tokens: list[int]) -> np.ndarray:
         """Logits [len(tokens), n_vocab] for every row."""
 
+    def keep(self, n_valid: int) -> None:
+        """Forget every position >= n_valid (the rejected rows)."""
+
     def observe(self, accepted_rows: int) -> np.ndarray | None:
         """Called after acceptance; returns the pass's routing [rows, layers, k] or None."""
+
+
+class DrafterLike(Protocol):
+    n_ctx: int
+
+    def prefill(self, tokens: list[int]) -> None: ...
+    def propose(self, tokens: list[int], K: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray]]: ...
+    def keep(self, n_valid: int) -> None: ...
 
 
 @dataclass
@@ -84,10 +106,18 @@ class Step:
 
 
 class Drafter:
-    """The draft model's side: keeps its KV equal to a prefix of the verified tokens."""
+    """The draft model's side over a KVContext: keeps its KV equal to a prefix of the verified tokens."""
 
-    def __init__(self, ctx: LlamaContext):
+    def __init__(self, ctx: KVContext):
         self.ctx = ctx
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx
+
+    def prefill(self, tokens: list[int]) -> None:
+        if tokens:
+            self.ctx.decode(tokens, "last")
 
     def propose(self, tokens: list[int], K: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray]]:
         """d_0..d_{K-1} after `tokens`, and q_i (only when sampling)."""
@@ -126,15 +156,15 @@ def accept(drafts: list[int], qs: list[np.ndarray], logits: np.ndarray, sampler:
     return out + [sampler.sample(logits[len(drafts)])]
 
 
-def prefill(target: Verifier, drafter: Drafter | None, prompt: list[int]) -> None:
+def prefill(target: Verifier, drafter: DrafterLike | None, prompt: list[int]) -> None:
     """Put all prompt tokens but the last into both KV caches; the last one opens round 1."""
     if len(prompt) > 1:
-        target.ctx.decode(prompt[:-1], "last")
+        target.prefill(prompt[:-1])
         if drafter is not None:
-            drafter.ctx.decode(prompt[:-1], "last")
+            drafter.prefill(prompt[:-1])
 
 
-def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, max_tokens: int,
+def generate(target: Verifier, drafter: DrafterLike | None, prompt: list[int], *, max_tokens: int,
              draft_max: int, sampler: Sampler, is_eog=lambda t: False,
              draft_length: DraftLength | None = None) -> Iterator[Step]:
     """Speculative decoding; yields each emitted token with running stats.
@@ -148,7 +178,7 @@ def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, ma
     prefill(target, drafter, prompt)
     stats.t_prefill = time.perf_counter() - t0
     tokens = list(prompt)
-    n_ctx = min(target.ctx.n_ctx, drafter.ctx.n_ctx) if drafter else target.ctx.n_ctx
+    n_ctx = min(target.n_ctx, drafter.n_ctx) if drafter else target.n_ctx
     while stats.n_generated < max_tokens:
         room = n_ctx - len(tokens) - 1
         if room < 0:
@@ -162,7 +192,7 @@ def generate(target: Verifier, drafter: Drafter | None, prompt: list[int], *, ma
         emitted = accept(drafts, qs, logits, sampler)
         a = len(emitted) - 1                          # accepted drafts
         L = len(tokens)
-        target.ctx.rollback(L + a)                    # keep x_last and d_0..d_{a-1}
+        target.keep(L + a)                            # keep x_last and d_0..d_{a-1}
         routing = target.observe(a + 1)
         if drafter is not None:
             drafter.keep(L + a)
