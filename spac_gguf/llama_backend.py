@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -272,14 +271,6 @@ class LlamaModel:
             out[name] = text
         return out
 
-    def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(256)
-        n = llc.llama_model_meta_val_str(self.ptr, key.encode(), buf, 256)
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
-
-    def size_bytes(self) -> int:
-        return int(llc.llama_model_size(self.ptr))
-
     def close(self) -> None:
         if getattr(self, "ptr", None):
             llc.llama_model_free(self.ptr)
@@ -401,7 +392,3 @@ class LlamaContext:
 def gpu_available() -> bool:
     _init_backend()
     return bool(llc.llama_supports_gpu_offload())
-
-
-def expert_pattern_matches(name: str) -> bool:
-    return re.search(EXPERT_TENSOR_PATTERN, name) is not None

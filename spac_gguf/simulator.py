@@ -11,7 +11,6 @@ number; `run_policy` reports the same for the experts a policy actually held (`h
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -157,34 +156,3 @@ def format_table(result: dict) -> str:
         for name, r in result["lookahead"].items():
             lines.append(f"  {name:13s} {r['precision']:6.3f} {r['recall']:6.3f}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """spac-gguf simulate TRACE.npz (--budget SIZE | --cache-slots N) --hw PROFILE --policy P[,P...] [--json]"""
-    import argparse
-    from .hardware import load_profile
-    ap = argparse.ArgumentParser(prog="spac-gguf simulate")
-    ap.add_argument("trace", nargs="?")
-    ap.add_argument("--routing", help="generate a trace instead: random, qwen3-calibrated, high-skew")
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--budget")
-    g.add_argument("--cache-slots", type=int)
-    ap.add_argument("--hw", default="desktop-pcie4x16")
-    ap.add_argument("--policy", default="none,static,lru,lfu,oracle_budgeted,belady,spac")
-    ap.add_argument("--lookahead", action="store_true")
-    ap.add_argument("--calibration")
-    ap.add_argument("--split", action="store_true", help="uncached experts may also be copied at verify time")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
-    if (a.trace is None) == (a.routing is None):
-        ap.error("give a trace file or --routing PRESET")
-    if a.routing:
-        from .locality import generate
-        trace = generate(a.routing)
-    else:
-        trace = RoutingTrace.load(a.trace)
-    cal = RoutingTrace.load(a.calibration) if a.calibration else None
-    res = simulate(trace, a.policy.split(","), budget=a.budget, cache_slots=a.cache_slots, hw=load_profile(a.hw),
-                   calibration=cal, split=a.split, with_lookahead=a.lookahead)
-    print(json.dumps(res) if a.json else format_table(res))
-    return 0

@@ -23,11 +23,3 @@ def parse_size(text: str, total: int | None = None) -> int:
     if unit not in _UNITS:
         raise ValueError(f"unknown size unit in {text!r}")
     return int(value * _UNITS[unit])
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"
