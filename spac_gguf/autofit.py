@@ -30,17 +30,13 @@ def device_memory() -> DeviceMemory | None:
     fake = os.environ.get("SPAC_TEST_GPU_FREE_MIB")
     if fake:
         return DeviceMemory("test GPU (SPAC_TEST_GPU_FREE_MIB)", int(float(fake) * MiB), int(float(fake) * MiB))
-    from .llama_backend import _init_backend, _sibling_lib, gpu_available
+    from .llama_backend import _init_backend, _sibling_lib, first_gpu_device, gpu_available
     _init_backend()
     if not gpu_available():
         return None
-    reg, base = _sibling_lib("ggml"), _sibling_lib("ggml-base")
-    if reg is None or base is None:
-        return None
-    reg.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    reg.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    dev = reg.ggml_backend_dev_by_type(1)                 # GGML_BACKEND_DEVICE_TYPE_GPU
-    if not dev:
+    base = _sibling_lib("ggml-base")
+    dev = first_gpu_device()
+    if base is None or dev is None:
         return None
     base.ggml_backend_dev_memory.restype = None
     base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]

@@ -144,16 +144,21 @@ def ggml() -> ctypes.CDLL:
     return _GGML
 
 
-def pinned_host_buffer_type() -> int | None:
-    """The first GPU's pinned host buffer type (CUDA_Host), or None without a GPU: host memory the
-    GPU copies from at link speed (pageable memory goes through a bounce buffer at a tenth of it)."""
-    reg = _sibling_lib("ggml")                       # the backend registry
+def first_gpu_device() -> int | None:
+    """ggml's first GPU device (a pointer), or None: from the backend registry beside libllama."""
+    reg = _sibling_lib("ggml")
     if reg is None:
         return None
     reg.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     reg.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    dev = reg.ggml_backend_dev_by_type(1)            # GGML_BACKEND_DEVICE_TYPE_GPU
-    if not dev:
+    return reg.ggml_backend_dev_by_type(1) or None   # GGML_BACKEND_DEVICE_TYPE_GPU
+
+
+def pinned_host_buffer_type() -> int | None:
+    """The first GPU's pinned host buffer type (CUDA_Host), or None without a GPU: host memory the
+    GPU copies from at link speed (pageable memory goes through a bounce buffer at a tenth of it)."""
+    dev = first_gpu_device()
+    if dev is None:
         return None
     buft = ggml().ggml_backend_dev_host_buffer_type(dev)
     return buft or None

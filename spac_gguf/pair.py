@@ -24,7 +24,7 @@ from .engine import InPass
 from .llama_backend import BackendError, LlamaContext, LlamaModel, Placement
 from .routing import EvalCallbackRouting, RoutingSource
 from .sampling import Sampler
-from .speculative import Drafter, Stats, generate as speculative_generate
+from .speculative import ContextSide, Drafter, Stats, generate as speculative_generate
 from .trace import RoutingTrace, TraceRecorder
 
 
@@ -41,27 +41,16 @@ class Token:
     routing: np.ndarray | None   # int32 [rows, layers, k] of the target pass that produced it
 
 
-class TargetVerifier:
+class TargetVerifier(ContextSide):
     """Target decodes with routing capture; forwards each pass to the engine and the trace."""
 
     def __init__(self, ctx: LlamaContext, routing: RoutingSource | None, engine=None):
-        self.ctx = ctx
+        super().__init__(ctx)
         self.routing = routing
         self.engine = engine
         self.recorder: TraceRecorder | None = None
         self.routing_seconds = 0.0
         self._ids = None
-
-    @property
-    def n_ctx(self) -> int:
-        return self.ctx.n_ctx
-
-    def prefill(self, tokens: list[int]) -> None:
-        if tokens:
-            self.ctx.decode(tokens, "last")
-
-    def keep(self, n_valid: int) -> None:
-        self.ctx.rollback(n_valid)
 
     def verify(self, tokens: list[int]) -> np.ndarray:
         if self.engine is not None:

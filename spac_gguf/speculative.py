@@ -105,8 +105,8 @@ class Step:
     routing: np.ndarray | None = None    # the target pass that produced this token
 
 
-class Drafter:
-    """The draft model's side over a KVContext: keeps its KV equal to a prefix of the verified tokens."""
+class ContextSide:
+    """A side of the round over a KVContext: its context size, prefill and rollback."""
 
     def __init__(self, ctx: KVContext):
         self.ctx = ctx
@@ -118,6 +118,13 @@ class Drafter:
     def prefill(self, tokens: list[int]) -> None:
         if tokens:
             self.ctx.decode(tokens, "last")
+
+    def keep(self, n_valid: int) -> None:
+        self.ctx.rollback(min(self.ctx.n_past, n_valid))
+
+
+class Drafter(ContextSide):
+    """The draft model's side: keeps its KV equal to a prefix of the verified tokens."""
 
     def propose(self, tokens: list[int], K: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray]]:
         """d_0..d_{K-1} after `tokens`, and q_i (only when sampling)."""
@@ -135,9 +142,6 @@ class Drafter:
             drafts.append(d)
             pending = [d]
         return drafts, qs
-
-    def keep(self, n_valid: int) -> None:
-        self.ctx.rollback(min(self.ctx.n_past, n_valid))
 
 
 def accept(drafts: list[int], qs: list[np.ndarray], logits: np.ndarray, sampler: Sampler) -> list[int]:
