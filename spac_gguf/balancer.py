@@ -128,13 +128,8 @@ class Balancer:
 
     def costs(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(c, g, k) in milliseconds per (layer, expert) for demand d."""
-        hw, ms = self.hw, 1e3
-        q = 1.0 - np.exp(-d)
-        r = hw.row_scale(self.B)
-        c = ms * (q * self.B / (hw.cpu_expert_gbps * 1e9) + d * hw.cpu_s_per_expert_token * r)
-        g = ms * d * hw.gpu_s_per_expert_token * r
-        k = ms * (q * self.B / (hw.link_gbps * 1e9)) + g
-        return c, g, k
+        c, g, k = self.hw.expert_costs(d, self.B, p_need=1.0 - np.exp(-d))
+        return 1e3 * c, 1e3 * g, 1e3 * k
 
     def solve(self, d: np.ndarray, resident: np.ndarray, load_budget_bytes: int) -> Plan:
         t0 = time.perf_counter()
@@ -306,9 +301,8 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     m = distinct * miss_rate
     if m <= 0.0:
         return 1.0
-    up = expert_bytes / (hw.link_gbps * 1e9)
-    rows_per_expert = rows * k / max(distinct, 1.0)
-    cpu = expert_bytes / (hw.cpu_expert_gbps * 1e9) + rows_per_expert * hw.cpu_s_per_expert_token * hw.row_scale(expert_bytes)
+    cpu, gpu, copy = hw.expert_costs(rows * k / max(distinct, 1.0), expert_bytes)
+    up = copy - gpu                                                       # the upload alone
     n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))
     t_split = max(n * up, hw.host_branch_s + (m - n) * cpu)
     return 1.0 if m * up <= t_split else float(n / m)

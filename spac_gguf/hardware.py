@@ -43,6 +43,19 @@ class HardwareProfile:
         """Factor on the per-row costs for experts of `expert_bytes`."""
         return float(expert_bytes) / REF_EXPERT_BYTES
 
+    def expert_costs(self, rows, expert_bytes: int, p_need=1.0):
+        """The one cost model (seconds, per (layer, expert), numpy-broadcast): for an expert routed
+        `rows` rows in a pass that needs its bytes with probability p_need, (cpu, gpu, copy):
+        cpu = stream its bytes on the CPU + per-row compute; gpu = per-row compute in a slot;
+        copy = upload its bytes over the link + the GPU's compute. The balancer prices expected
+        demand with it, the simulator actual rows, the per-pass split one expert."""
+        self.require_complete()
+        r = self.row_scale(expert_bytes)
+        gpu = rows * self.gpu_s_per_expert_token * r
+        cpu = p_need * expert_bytes / (self.cpu_expert_gbps * 1e9) + rows * self.cpu_s_per_expert_token * r
+        copy = p_need * expert_bytes / (self.link_gbps * 1e9) + gpu
+        return cpu, gpu, copy
+
     def missing(self) -> list[str]:
         """Fields still unknown (None): a calibrated profile without a GPU leaves the GPU ones open."""
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None]

@@ -28,10 +28,7 @@ def verify_time(ids: np.ndarray, cached: np.ndarray, hw: HardwareProfile, expert
     split), cached ones cost GPU time per routed row, on top of the dense GPU part."""
     n = _used(ids, cached.shape[1]).astype(np.float64)
     need = n > 0
-    r = hw.row_scale(expert_bytes)
-    c = np.where(need, expert_bytes / (hw.cpu_expert_gbps * 1e9) + n * hw.cpu_s_per_expert_token * r, 0.0)
-    g = n * hw.gpu_s_per_expert_token * r
-    k = np.where(need, expert_bytes / (hw.link_gbps * 1e9), 0.0) + g
+    c, g, k = hw.expert_costs(n, expert_bytes, p_need=need.astype(np.float64))
     return pass_time(c, g, k, hw.gpu_pass_s, cached & need, split)
 
 
