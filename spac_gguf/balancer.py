@@ -6,7 +6,7 @@ Per round a small MIP over demand d[l, e] (expected rows per verify pass, from t
     s.t. T ≥ Σ_e c_e·(1 − y_e − x_e)                     CPU: uncached experts it computes
          T ≥ G0 + Σ_e g_e·y_e + Σ_e k_e·x_e              GPU: dense + cached + experts copied on demand
          |R_l| ≤ Σ_{e in layer l} y_e ≤ S                slots (R_l resident: a slot is freed only by a load)
-         Σ_{e not resident} y_e ≤ ⌊load budget / B⌋      loads the link moves during the draft
+         Σ_{e not resident} y_e ≤ ⌊link bytes / B⌋        loads the link moves during the draft
          x_e + y_e ≤ 1,  y ∈ {0,1},  x ∈ [0,1]           x only with split=True
 with q = 1 − exp(−d) (chance the expert is needed at all), B = expert bytes and
 c = q·B/cpu_bw + d·t_cpu (CPU streams the expert), g = d·t_gpu, k = q·B/link_bw + d·t_gpu.
@@ -38,7 +38,7 @@ EPS_LOAD_MS = 1e-6
 
 
 class InfeasibleBudget(ValueError):
-    """A cache or load budget that no placement can satisfy."""
+    """A cache budget (or link bytes per round) that no placement can satisfy."""
 
 
 def slots_for_budget(budget_bytes: int, expert_bytes: int, n_layers: int, n_expert: int) -> int:
@@ -131,7 +131,7 @@ class Balancer:
         c, g, k = self.hw.expert_costs(d, self.B, p_need=1.0 - np.exp(-d))
         return 1e3 * c, 1e3 * g, 1e3 * k
 
-    def solve(self, d: np.ndarray, resident: np.ndarray, load_budget_bytes: int) -> Plan:
+    def solve(self, d: np.ndarray, resident: np.ndarray, link_bytes: int) -> Plan:
         t0 = time.perf_counter()
         d = np.asarray(d, np.float64)
         resident = np.asarray(resident, np.int32)
@@ -139,14 +139,14 @@ class Balancer:
         S = resident.shape[1]
         if resident.shape[0] != L:
             raise ValueError(f"resident has {resident.shape[0]} layers, demand {L}")
-        if load_budget_bytes < 0:
-            raise InfeasibleBudget(f"negative load budget {load_budget_bytes}")
+        if link_bytes < 0:
+            raise InfeasibleBudget(f"negative link bytes per round {link_bytes}")
         res = np.zeros((L, E), bool)
         li, si = np.nonzero(resident >= 0)
         res[li, resident[li, si]] = True
         if res.sum() != len(li):
             raise ValueError("an expert sits in two slots of one layer")
-        max_loads = int(load_budget_bytes) // self.B
+        max_loads = int(link_bytes) // self.B
         c, g, k = self.costs(d)
         G0 = 1e3 * self.hw.gpu_pass_s
 

@@ -46,12 +46,12 @@ class SlotStore(Protocol):
 
 
 class Engine:
-    def __init__(self, store: SlotStore, policy, load_budget_bytes: int, inpass: InPass | None = None,
+    def __init__(self, store: SlotStore, policy, link_bytes: int, inpass: InPass | None = None,
                  plan_every: int = 1, split=None):
         self.store, self.policy = store, policy
-        self.load_budget_bytes = int(load_budget_bytes)
+        self.link_bytes = int(link_bytes)
         self.inpass = inpass
-        self.plan_every = max(1, int(plan_every))      # plan loads after every n-th pass (budget x n)
+        self.plan_every = max(1, int(plan_every))      # plan loads after every n-th pass (link bytes x n)
         self._passes = 0
         self.split = split                              # (rows, miss rate) -> share, when inpass.share is None
         self._sent: np.ndarray | None = None            # the priority the C side holds
@@ -109,18 +109,18 @@ class Engine:
         view = self.store.resident().copy()
         for (ll, s), e in self.inflight.items():
             view[ll, s] = e
-        budget = self.load_budget_bytes * self.plan_every - len(self.inflight) * self.store.expert_bytes
+        link_left = self.link_bytes * self.plan_every - len(self.inflight) * self.store.expert_bytes
         t = time.perf_counter()
-        loads = self.policy.plan(view, max(0, budget))
+        loads = self.policy.plan(view, max(0, link_left))
         self.solve_s.append(time.perf_counter() - t)
         B = self.store.expert_bytes
         for ll, e, s in loads:
-            if budget < B or (ll, s) in self.inflight or (view[ll] == e).any():
-                continue                                    # over budget, slot busy, or already there
+            if link_left < B or (ll, s) in self.inflight or (view[ll] == e).any():
+                continue                                    # over the link's bytes, slot busy, or already there
             self.store.load_async(ll, e, s)
             self.inflight[(ll, s)] = e
             view[ll, s] = e
-            budget -= B
+            link_left -= B
             self.bytes_loaded += B
 
     def cached(self) -> np.ndarray:

@@ -67,7 +67,7 @@ class HardwareProfile:
         return self
 
     def link_bytes_during_draft(self, k_draft: int) -> int:
-        """Bytes the link moves while the draft proposes k_draft tokens: the per-round load budget."""
+        """Bytes the link moves while the draft proposes k_draft tokens: the link bytes per round (loads between passes)."""
         self.require_complete()
         return int(self.link_gbps * 1e9 * self.draft_s_per_token * k_draft)
 

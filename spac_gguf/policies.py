@@ -1,7 +1,7 @@
 """Cache policies behind one narrow interface, shared by the engine and the simulator.
 
     policy.observe(ids, accepted)                  after each verify pass; ids int32 [rows, n_layers, k], -1 ignored
-    policy.plan(resident, load_budget_bytes)       -> [(layer, expert, victim_slot), ...] loads to issue now
+    policy.plan(resident, link_bytes)       -> [(layer, expert, victim_slot), ...] loads to issue now
 
 `resident` is int32 [n_layers, S] (-1 empty; slots with a load in flight show the incoming expert).
 Every baseline ranks experts by a score and hands it to the balancer's `greedy_swaps`; `spac` runs
@@ -37,8 +37,8 @@ class Policy:
     def observe(self, ids: np.ndarray, accepted: int) -> None:
         pass
 
-    def plan(self, resident: np.ndarray, load_budget_bytes: int) -> list[tuple[int, int, int]]:
-        return greedy_swaps(self.score(), resident, load_budget_bytes // self.B)
+    def plan(self, resident: np.ndarray, link_bytes: int) -> list[tuple[int, int, int]]:
+        return greedy_swaps(self.score(), resident, link_bytes // self.B)
 
     def score(self) -> np.ndarray:
         raise NotImplementedError
@@ -48,7 +48,7 @@ class NonePolicy(Policy):
     """All routed experts on the CPU (llama.cpp `-ot exps=CPU`)."""
     name = "none"
 
-    def plan(self, resident, load_budget_bytes):
+    def plan(self, resident, link_bytes):
         return []
 
 
@@ -60,12 +60,12 @@ class StaticPolicy(Policy):
         super().__init__(n_layers, n_expert, expert_bytes)
         self.counts = _used(calibration.ids, n_expert).astype(np.float64)
 
-    def plan(self, resident, load_budget_bytes):
+    def plan(self, resident, link_bytes):
         S = resident.shape[1]
         top = np.argsort(-self.counts, axis=1, kind="stable")[:, :S]
         pinned = np.zeros_like(self.counts)
         np.put_along_axis(pinned, top, np.take_along_axis(self.counts, top, axis=1), axis=1)
-        return greedy_swaps(pinned, resident, load_budget_bytes // self.B)
+        return greedy_swaps(pinned, resident, link_bytes // self.B)
 
 
 class LRUPolicy(Policy):
@@ -102,7 +102,7 @@ class LFUPolicy(Policy):
 
 
 class OraclePolicy(Policy):
-    """Belady under the per-round load budget (simulator only): rank by the next use in the future
+    """Belady under the per-round link bytes (simulator only): rank by the next use in the future
     trace, score 1/(1 + passes to next use). It loads only what the link moves during one draft,
     so it is not an upper bound: on real routing LRU can beat it. The bound is `belady`."""
     name = "oracle_budgeted"
@@ -162,8 +162,8 @@ class SpacPolicy(Policy):
     def observe(self, ids, accepted):
         self.estimator.update(ids, accepted)
 
-    def plan(self, resident, load_budget_bytes):
-        return self.balancer.solve(self.estimator.demand(), resident, load_budget_bytes).loads
+    def plan(self, resident, link_bytes):
+        return self.balancer.solve(self.estimator.demand(), resident, link_bytes).loads
 
 
 NAMES = ("none", "static", "lru", "lfu", "oracle", "spac")          # "oracle": old name of oracle_budgeted

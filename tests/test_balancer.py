@@ -81,7 +81,7 @@ def test_equals_brute_force(split, seed):
 
 
 @pytest.mark.parametrize("max_free", [8, 32])
-def test_never_exceeds_slots_or_load_budget(max_free):
+def test_never_exceeds_slots_or_link_bytes(max_free):
     rng = np.random.default_rng(7)
     bal = Balancer(HW, B, split=True, max_free=max_free)
     L, E, S = 6, 32, 4

@@ -15,7 +15,7 @@ class RandomPolicy(Policy):
         super().__init__(L, E, B)
         self.rng = np.random.default_rng(seed)
 
-    def plan(self, resident, load_budget_bytes):
+    def plan(self, resident, link_bytes):
         L, S = resident.shape
         n = int(self.rng.integers(0, 2 * L * S))
         return [(int(self.rng.integers(L)), int(self.rng.integers(self.E)), int(self.rng.integers(S))) for _ in range(n)]

@@ -40,9 +40,9 @@ def test_simulator_runs_the_policy_objects_it_is_given(trace, result):
     calls = []
 
     class Spy(LRUPolicy):
-        def plan(self, resident, load_budget_bytes):
+        def plan(self, resident, link_bytes):
             calls.append(resident.shape)
-            return super().plan(resident, load_budget_bytes)
+            return super().plan(resident, link_bytes)
 
     spy = Spy(trace.n_layers, trace.n_expert, trace.meta["expert_bytes"])
     got = simulate(trace, [spy], cache_slots=6, hw=HW)["policies"]["lru"]
