@@ -109,3 +109,35 @@ def test_replay_on_gpu_computes_the_given_experts(files):
     lg = ctx.decode(toks, "all")
     assert np.isfinite(lg).all()
     assert np.array_equal(r.end(len(toks))[:, lay.moe_layers], want)
+
+
+def test_auto_fit_on_the_gpu(files):
+    """No placement flags on a GPU machine: ggml's real free memory, one plan block, and the run
+    works; squeezed to a pretend 3-slot budget it caches with spac and stays lossless against the
+    same placement without a cache."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from spac_gguf import autofit, gguf_layout
+    dev = autofit.device_memory()
+    assert dev is not None and 0 < dev.free <= dev.total
+    target, draft = files
+    base = [sys.executable, "-m", "spac_gguf.cli", "run", str(target), "--draft", str(draft), "-n", "24", "-c", "256",
+            "-p", PROMPTS[0], "--json"]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "auto-fit" in r.stderr and dev.name in r.stderr and "the whole model fits" in r.stderr
+    lay = gguf_layout.describe(target)
+    kv = autofit.kv_bytes(target, 256) + autofit.kv_bytes(draft, 256)
+    fit0 = autofit.plan_for(lay, draft_bytes=os.path.getsize(draft), kv=kv, free=0)
+    fixed = fit0.dense + fit0.draft + fit0.kv + fit0.compute + 512 * (1 << 20)
+    free_mib = (fixed + 4.5 * len(lay.moe_layers) * lay.bytes_per_expert) / (1 << 20)
+    env = dict(os.environ, SPAC_TEST_GPU_FREE_MIB=f"{free_mib:.3f}")
+    cached = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env)
+    assert cached.returncode == 0, cached.stderr
+    res = json.loads(cached.stdout)
+    assert res["cache"]["policy"] == "spac" and res["cache"]["slots_per_layer"] == 3
+    plain = subprocess.run(base + ["-ngl", "99", "--policy", "none"], capture_output=True, text=True, timeout=300)
+    assert json.loads(plain.stdout)["tokens"] == res["tokens"]
