@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from .registry import DEFAULT_DRAFT_MAX
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Run Mixture-of-Experts GGUF models with speculative decoding and a GPU expert cache.")
 demo_app = typer.Typer(add_completion=False, help="The built-in real-weights demo pair.")
@@ -233,7 +235,7 @@ def run(
     if escape:
         prompt = unescape(prompt)
     tpath, dpath, spec = _resolve_models(target, draft, pair, models_dir)
-    K = draft_max if draft_max is not None else (spec.draft_max if spec else 4)
+    K = draft_max if draft_max is not None else (spec.draft_max if spec else DEFAULT_DRAFT_MAX)
     if cache_slots is not None and budget is not None:
         raise UsageError("give --cache-slots or --budget, not both")
     gpu_layers, policy, cache_slots, extra = _auto_fit(tpath, dpath, ctx, gpu_layers, policy, cache_slots, budget, cpu)
@@ -348,7 +350,7 @@ def serve(
     except ImportError as e:
         raise UsageError(f"serve needs fastapi and uvicorn ({e.name} is missing): pip install fastapi uvicorn") from None
     tpath, dpath, spec = _resolve_models(target or model, draft, pair, models_dir)
-    K = draft_max if draft_max is not None else (spec.draft_max if spec else 4)
+    K = draft_max if draft_max is not None else (spec.draft_max if spec else DEFAULT_DRAFT_MAX)
     gpu_layers, policy, cache_slots, extra = _auto_fit(tpath, dpath, ctx, gpu_layers, policy, cache_slots, budget, cpu)
     p = load(tpath, dpath, n_gpu_layers=gpu_layers, n_ctx=ctx, n_threads=threads, policy=policy,
              cache_slots=cache_slots, budget=budget, hw=hw, draft_max=K,

@@ -22,6 +22,7 @@ from . import gguf_layout, native
 from .draft_length import DraftLength
 from .engine import InPass
 from .llama_backend import BackendError, LlamaContext, LlamaModel, Placement
+from .registry import DEFAULT_DRAFT_MAX
 from .routing import EvalCallbackRouting, RoutingSource
 from .sampling import Sampler
 from .speculative import ContextSide, Drafter, Stats, generate as speculative_generate
@@ -99,7 +100,7 @@ class ModelPair:
                  experts_on_cpu: bool | None = None, n_ctx: int = 2048, n_threads: int | None = None,
                  routing: str = "auto", policy: str = "none", cache_slots: int | None = None,
                  budget: str | None = None, hw: str | None = None, calibration: str | Path | None = None,
-                 draft_max: int = 4, slots_on_host: bool | None = None,
+                 draft_max: int = DEFAULT_DRAFT_MAX, slots_on_host: bool | None = None,
                  cpu_expert_layers: tuple[int, ...] | None = None, pinned_experts: bool | None = None,
                  inpass: "bool | InPass | None" = None):
         self.target_path, self.draft_path = str(target), (str(draft) if draft else None)
@@ -136,6 +137,7 @@ class ModelPair:
             self.routing = native.NativeRouting(self.target_ctx.ptr, self.target.n_layer, self.layout.n_expert_used)
         self.draft_ctx = LlamaContext(self.draft, n_ctx=n_ctx, n_threads=n_threads) if self.draft else None
         self.cache, self.engine, self.policy_name = None, None, policy
+        self._profile = None                             # the hardware profile the engine prices with
         if wants_cache:
             self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max,
                                slots_on_host if slots_on_host is not None else n_gpu_layers == 0, inpass)
@@ -209,6 +211,7 @@ class ModelPair:
         c = self.cache
         def split(rows: int, miss_rate: float) -> float:
             return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate)
+        self._profile = profile
         self.engine = Engine(c, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
                              plan_every=4 if ip is not None and policy == "spac" else 1, split=split)
 
@@ -232,7 +235,7 @@ class ModelPair:
         return self.target.tokenize(prompt, add_special=True, parse_special=True)
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, draft_max: int = 4, adaptive: bool = True,
+                 top_p: float = 1.0, seed: int | None = None, draft_max: int = DEFAULT_DRAFT_MAX, adaptive: bool = True,
                  recorder: TraceRecorder | None = None, stop_at_eog: bool = True) -> Iterator[Token]:
         """Generate up to `max_tokens` after `prompt`, yielding one Token at a time.
 
@@ -253,6 +256,9 @@ class ModelPair:
             raise BackendError("this ModelPair is already generating (another thread or an unfinished generator); "
                                "one generation at a time: finish or close it first")
         try:
+            if self.engine is not None and self._profile is not None:
+                # the call's K decides what the link may move while the draft runs (not the constructor's)
+                self.engine.link_bytes = self._profile.link_bytes_during_draft(max(draft_max, 1))
             yield from self._generate(prompt, max_tokens, temperature, top_p, seed, draft_max, adaptive, recorder,
                                       stop_at_eog)
         finally:
@@ -289,7 +295,7 @@ class ModelPair:
 
     def record_trace(self, prompt: str, **kw) -> tuple[list[int], RoutingTrace]:
         """Generate and return (tokens, routing trace) in the `--trace` format."""
-        rec = TraceRecorder(self.trace_meta(kw.get("draft_max", 4)))
+        rec = TraceRecorder(self.trace_meta(kw.get("draft_max", DEFAULT_DRAFT_MAX)))
         toks = [t.token for t in self.generate(prompt, recorder=rec, **kw)]
         trace = rec.trace()
         trace.meta["prompt_tokens"] = len(self.tokenize(prompt)) if isinstance(prompt, str) else len(prompt)

@@ -38,6 +38,17 @@ def load_registry(path: Path = MODELS_TOML) -> dict:
         return tomllib.load(f)
 
 
+def _default(key: str, fallback):
+    try:
+        return type(fallback)(load_registry().get("defaults", {}).get(key, fallback))
+    except (OSError, ValueError, tomllib.TOMLDecodeError):
+        return fallback
+
+
+# the one place these defaults live (models.toml [defaults], else these values)
+DEFAULT_DRAFT_MAX: int = _default("draft_max", 4)
+
+
 @dataclass
 class PairSpec:
     name: str
@@ -70,7 +81,7 @@ def pair_spec(name: str | None = None, models_dir: str | Path | None = None) -> 
     if name not in pairs:
         raise KeyError(f"no pair named {name!r} in {MODELS_TOML.name} (known: {', '.join(sorted(pairs))})")
     p = pairs[name]
-    draft_max = int(p.get("draft_max", reg.get("defaults", {}).get("draft_max", 4)))
+    draft_max = int(p.get("draft_max", DEFAULT_DRAFT_MAX))
     if "target_files" not in p:
         return PairSpec(name, resolve(p["target"]), resolve(p["draft"]) if p.get("draft") else None, draft_max)
     if models_dir is None:

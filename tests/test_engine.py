@@ -106,3 +106,19 @@ def test_share_none_takes_the_balancers_split_per_pass():
     store.sent.clear()
     fixed.before_verify(6)
     assert store.sent == [0.25]
+
+
+def test_the_calls_K_sets_the_link_bytes_per_round():
+    """--draft-max reaches the engine by one road: each generate() call's K, not the constructor's."""
+    from spac_gguf import testmodels
+    from spac_gguf.hardware import load_profile
+    from spac_gguf.pair import load
+    t, d = testmodels.make_pair(arch="qwen3moe", quant="Q8_0")
+    p = load(t, d, n_ctx=256, n_threads=2, policy="lru", cache_slots=2, draft_max=2, hw="h200-pcie5")
+    try:
+        hw = load_profile("h200-pcie5")
+        for K in (6, 1, 0):
+            list(p.generate("Hello", max_tokens=3, draft_max=K))
+            assert p.engine.link_bytes == hw.link_bytes_during_draft(max(K, 1))
+    finally:
+        p.close()
