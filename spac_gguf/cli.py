@@ -9,8 +9,6 @@ from typing import Optional
 
 import typer
 
-from .registry import DEFAULT_DRAFT_MAX
-
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Run Mixture-of-Experts GGUF models with speculative decoding and a GPU expert cache.")
 demo_app = typer.Typer(add_completion=False, help="The built-in real-weights demo pair.")
@@ -50,37 +48,6 @@ def _guarded(fn):
                 raise
             _fail(f"internal error: {type(e).__name__}: {e} (SPAC_DEBUG=1 shows the traceback)", 1)
     return wrapper
-
-
-def _auto_fit(tpath, dpath, ctx: int, gpu_layers, policy, cache_slots, budget, cpu: bool):
-    """(n_gpu_layers, policy, cache_slots, extra load() kwargs): the user's flags where given, else
-    the auto-fit plan when a GPU is present (printed as one block on stderr), else the CPU path."""
-    from . import autofit, gguf_layout
-    if cpu:
-        if gpu_layers:
-            raise UsageError("--cpu and -ngl contradict each other")
-        return 0, policy or "none", cache_slots, {}
-    dev = autofit.device_memory() if gpu_layers is None else None
-    if dev is None:
-        return gpu_layers or 0, policy or "none", cache_slots, {}
-    lay = gguf_layout.describe(tpath)
-    kv = autofit.kv_bytes(tpath, ctx) + (autofit.kv_bytes(dpath, ctx) if dpath else 0)
-    fit = autofit.plan_for(lay, draft_bytes=Path(dpath).stat().st_size if dpath else 0, kv=kv, free=dev.free,
-                       device=dev.name)
-    extra = {}
-    if fit.mode == "gpu":
-        extra["experts_on_cpu"] = False
-        policy = policy or "none"
-    elif fit.mode == "cache":
-        policy = policy or "spac"
-        if cache_slots is None and budget is None and policy != "none":
-            cache_slots = fit.slots_per_layer
-    else:
-        policy = policy or "none"
-    sys.stderr.write("spac-gguf: auto-fit (override with -ngl, --policy, --budget, --cache-slots; --cpu: no GPU)\n")
-    for line in fit.lines():
-        sys.stderr.write(f"  {line}\n")
-    return 99, policy, cache_slots, extra
 
 
 class StatusLine:
@@ -148,35 +115,6 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def _resolve_models(target: Optional[Path], draft: Optional[Path], pair: Optional[str],
-                    models_dir: Optional[Path] = None):
-    """TARGET/DRAFT from flags, else the named (or default) pair from models.toml."""
-    from .registry import pair_spec
-    if target is not None:
-        return target, draft, None
-    spec = pair_spec(pair, models_dir)
-    if models_dir is not None:
-        sys.stderr.write(f"spac-gguf: pair {spec.name}: target {spec.target.name}"
-                         f"{', draft ' + spec.draft.name if spec.draft else ', no draft'}\n")
-    if spec.name == "demo" and not spec.target.exists():
-        _build_demo_with_progress()
-    for role, p in (("target", spec.target), ("draft", spec.draft)):
-        if p is not None and not p.exists():
-            raise UsageError(f"{role} of pair {spec.name!r} is missing: {p} (build it: see README)")
-    return spec.target, (draft or spec.draft), spec
-
-
-def _build_demo_with_progress():
-    from rich.progress import Progress
-    from . import demo
-    with Progress(transient=True, console=__import__("rich.console").console.Console(stderr=True)) as prog:
-        task = prog.add_task("building the demo pair", total=1.0)
-
-        def cb(stage: str, done: float, total: float):
-            prog.update(task, completed=(done / total) if total else 0.0, description=f"demo pair: {stage}")
-        return demo.build_demo_pair(progress=cb)
-
-
 @app.command()
 @_guarded
 def run(
@@ -216,14 +154,14 @@ def run(
     escape: bool = typer.Option(True, "--escape/--no-escape", "-e", help="process \\n, \\t, ... in the prompt"),
 ):
     """Generate text from TARGET, speculatively when a draft is given."""
-    from .pair import load
+    from .config import RunConfig
     from .trace import TraceRecorder
+    cfg = RunConfig(target=target or model, draft=draft, pair=pair, models_dir=models_dir, n_ctx=ctx, threads=threads,
+                    gpu_layers=gpu_layers, cpu=cpu, policy=policy, cache_slots=cache_slots, budget=budget, hw=hw,
+                    calibration=calibration, slots_on_host=slots_on_host, mmap=mmap, inpass=inpass,
+                    draft_max=draft_max).validate()
     if n_predict < 1:
         raise UsageError(f"-n must be >= 1 (got {n_predict})")
-    if draft_max is not None and draft_max < 0:
-        raise UsageError(f"--draft-max must be >= 0 (got {draft_max})")
-    if ctx < 16:
-        raise UsageError(f"-c must be >= 16 (got {ctx})")
     if seed is not None and seed < -1:
         raise UsageError(f"--seed must be >= -1 (got {seed})")
     seed = None if seed == -1 else seed
@@ -231,18 +169,9 @@ def run(
         parent = trace.resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK) or (trace.exists() and not os.access(trace, os.W_OK)):
             raise UsageError(f"--trace {trace}: cannot write there")
-    target = target or model
     if escape:
         prompt = unescape(prompt)
-    tpath, dpath, spec = _resolve_models(target, draft, pair, models_dir)
-    K = draft_max if draft_max is not None else (spec.draft_max if spec else DEFAULT_DRAFT_MAX)
-    if cache_slots is not None and budget is not None:
-        raise UsageError("give --cache-slots or --budget, not both")
-    gpu_layers, policy, cache_slots, extra = _auto_fit(tpath, dpath, ctx, gpu_layers, policy, cache_slots, budget, cpu)
-    p = load(tpath, dpath, n_gpu_layers=gpu_layers, n_ctx=ctx, n_threads=threads, policy=policy,
-             cache_slots=cache_slots, budget=budget, hw=hw, calibration=calibration, draft_max=K,
-             slots_on_host=True if slots_on_host else None, pinned_experts=False if mmap else None, inpass=inpass,
-             **extra)
+    p, tpath, dpath, K = cfg.load()
     if not p.is_moe:
         sys.stderr.write("spac-gguf: the target is dense (no routed experts): expert features are off\n")
     rec = TraceRecorder(p.trace_meta(K)) if trace else None
@@ -329,15 +258,12 @@ def serve(
     """Serve TARGET over an OpenAI-compatible HTTP API (llama-server's flags where they exist)."""
     import socket
 
-    from .pair import load
+    from .config import RunConfig
+    cfg = RunConfig(target=target or model, draft=draft, pair=pair, models_dir=models_dir, n_ctx=ctx, threads=threads,
+                    gpu_layers=gpu_layers, cpu=cpu, policy=policy, cache_slots=cache_slots, budget=budget, hw=hw,
+                    mmap=mmap, inpass=inpass, draft_max=draft_max).validate()
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535 (got {port})")
-    if ctx < 16:
-        raise UsageError(f"-c must be >= 16 (got {ctx})")
-    if draft_max is not None and draft_max < 0:
-        raise UsageError(f"--draft-max must be >= 0 (got {draft_max})")
-    if cache_slots is not None and budget is not None:
-        raise UsageError("give --cache-slots or --budget, not both")
     try:                                                  # fail before loading a model, not after
         with socket.create_server((host, port)):
             pass
@@ -349,12 +275,7 @@ def serve(
         from .server import make_app
     except ImportError as e:
         raise UsageError(f"serve needs fastapi and uvicorn ({e.name} is missing): pip install fastapi uvicorn") from None
-    tpath, dpath, spec = _resolve_models(target or model, draft, pair, models_dir)
-    K = draft_max if draft_max is not None else (spec.draft_max if spec else DEFAULT_DRAFT_MAX)
-    gpu_layers, policy, cache_slots, extra = _auto_fit(tpath, dpath, ctx, gpu_layers, policy, cache_slots, budget, cpu)
-    p = load(tpath, dpath, n_gpu_layers=gpu_layers, n_ctx=ctx, n_threads=threads, policy=policy,
-             cache_slots=cache_slots, budget=budget, hw=hw, draft_max=K,
-             pinned_experts=False if mmap else None, inpass=inpass, **extra)
+    p, tpath, dpath, K = cfg.load()
     name = alias or Path(tpath).stem
     application = make_app(p, alias=name, draft_max=K)
     sys.stderr.write(f"spac-gguf: serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)\n")
@@ -436,6 +357,7 @@ def calibrate(base: Optional[str] = typer.Option(None, "--base", help="profile t
 def demo_build(force: bool = typer.Option(False, "--force", help="rebuild even if present")):
     """Build the real-weights demo pair (SmolLM2-135M cut into experts) into the cache."""
     from . import demo
+    from .config import _build_demo_with_progress
     t, d = demo.build_demo_pair(force=force) if force else _build_demo_with_progress()
     print(f"target: {t}\ndraft:  {d}")
 
