@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SDIST_NAME = "llama_cpp_python"
-SDIST_VERSION = "0.3.36"
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))                     # spac_gguf.sdist is standard library only
+from spac_gguf.registry import cache_dir  # noqa: E402
+from spac_gguf.sdist import SDIST_NAME, SDIST_SHA256, SDIST_VERSION, SdistError, fetch  # noqa: E402
 PATCHES = ROOT / "patches"
 # Bump when the build recipe itself (flags, version stamp) changes in a way patches do not show.
 RECIPE = 1
@@ -43,11 +43,6 @@ COMMON_CMAKE = [
     "-DLLAMA_OPENSSL=OFF",
     "-DGGML_OPENMP=ON",
 ]
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "spac-gguf"
 
 
 def patch_files() -> list[Path]:
@@ -67,34 +62,11 @@ def local_version(variant: str) -> str:
     return f"{SDIST_VERSION}+spac{RECIPE}.{variant}"
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_sdist() -> Path:
-    """The pinned sdist, downloaded once and verified every time."""
-    dst = cache_dir() / "sdist" / f"{SDIST_NAME}-{SDIST_VERSION}.tar.gz"
-    if dst.exists() and sha256_of(dst) == SDIST_SHA256:
-        return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    print(f"build_llama: downloading {SDIST_NAME}=={SDIST_VERSION} (sdist) from the package index", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "-q", "-d", tmp, f"llama-cpp-python=={SDIST_VERSION}"], check=True)
-        got_files = list(Path(tmp).glob("*.tar.gz"))
-        if not got_files:
-            sys.exit("build_llama: pip download gave no sdist")
-        got = sha256_of(got_files[0])
-        if got != SDIST_SHA256:
-            sys.exit(f"build_llama: sdist sha256 mismatch: got {got}, pinned {SDIST_SHA256}")
-        shutil.copy2(got_files[0], dst.with_suffix(".part"))
-    tmp = dst.with_suffix(".part")
-    tmp.rename(dst)
-    return dst
+    try:
+        return fetch()
+    except SdistError as e:
+        sys.exit(f"build_llama: {e}")
 
 
 def unpack_and_patch(sdist: Path, workdir: Path, variant: str) -> Path:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -36,12 +35,11 @@ from gguf import GGMLQuantizationType as QT
 
 from .gguf_layout import read_gguf
 from .registry import cache_dir, sha256_file
+from .sdist import SDIST_NAME, SDIST_VERSION
 
 GENERATOR_VERSION = 1  # bump whenever the bytes written for the same options change
 ARCHS = ("qwen3moe", "qwen2moe", "llama")
 QUANTS = ("F16", "Q8_0", "Q4_0")
-SDIST_NAME = "llama_cpp_python"
-SDIST_VERSION = "0.3.36"
 BRANCH_SCALE = 0.2    # scale of attention / FFN outputs relative to the embedding (rms 1)
 LOGIT_SCALE = 4.0     # std of logits for a unit-rms hidden state: peaked enough to avoid near-ties
 
@@ -84,17 +82,9 @@ SPECS = {
 
 
 def _sdist_path() -> Path:
-    """The pinned sdist via scripts/build_llama.py (which downloads and verifies it)."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "build_llama.py"
-    if script.exists():
-        spec = importlib.util.spec_from_file_location("_spac_build_llama", script)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        return Path(mod.fetch_sdist())
-    p = cache_dir() / "sdist" / f"{SDIST_NAME}-{SDIST_VERSION}.tar.gz"
-    if not p.exists():
-        raise FileNotFoundError(f"pinned sdist not found at {p}; run scripts/build_llama.py first")
-    return p
+    """The pinned sdist (downloaded and verified once)."""
+    from .sdist import fetch
+    return fetch()
 
 
 def vocab_path(vocab_file: str) -> Path:
