@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -13,6 +13,24 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Run Mixture-of-Experts GGUF models with speculative decoding and a GPU expert cache.")
 demo_app = typer.Typer(add_completion=False, help="The built-in real-weights demo pair.")
 app.add_typer(demo_app, name="demo")
+
+
+# options that run and serve share (llama.cpp's names where they exist)
+TargetArg = Annotated[Optional[Path], typer.Argument(help="target GGUF (default: the demo pair)")]
+ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="target GGUF (same as TARGET)")]
+DraftOpt = Annotated[Optional[Path], typer.Option("-md", "--model-draft", "--draft", help="draft GGUF")]
+PairOpt = Annotated[Optional[str], typer.Option("--pair", help="a pair from models.toml")]
+ModelsDirOpt = Annotated[Optional[Path], typer.Option("--models-dir", help="folder where --pair looks for its GGUF files")]
+DraftMaxOpt = Annotated[Optional[int], typer.Option("--draft-max", help="K: most tokens drafted per round")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads")]
+CpuOpt = Annotated[bool, typer.Option("--cpu", help="no GPU even if one is present")]
+CacheSlotsOpt = Annotated[Optional[int], typer.Option("--cache-slots", help="cache slots per MoE layer")]
+BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="cache size: 2GiB, 512MB or 25% of expert bytes")]
+HwOpt = Annotated[Optional[str], typer.Option("--hw", help="hardware profile (models.toml [hw.*])")]
+GpuLayersOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", "--n-gpu-layers",
+                                     help="layers on the GPU (default: auto-fit when a GPU is present, else 0)")]
+MmapOpt = Annotated[bool, typer.Option("--mmap/--no-mmap",
+                                help="with -ngl: --no-mmap reads host experts into pinned memory (uploads at link speed)")]
 
 
 class UsageError(Exception):
@@ -118,35 +136,33 @@ def unescape(text: str) -> str:
 @app.command()
 @_guarded
 def run(
-    target: Optional[Path] = typer.Argument(None, help="target GGUF (default: the demo pair)"),
-    model: Optional[Path] = typer.Option(None, "-m", "--model", help="target GGUF (same as TARGET)"),
-    draft: Optional[Path] = typer.Option(None, "-md", "--model-draft", "--draft", help="draft GGUF"),
-    pair: Optional[str] = typer.Option(None, "--pair", help="a pair from models.toml"),
-    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="folder where --pair looks for its GGUF files"),
+    target: TargetArg = None,
+    model: ModelOpt = None,
+    draft: DraftOpt = None,
+    pair: PairOpt = None,
+    models_dir: ModelsDirOpt = None,
     prompt: str = typer.Option("The quick brown fox", "-p", "--prompt"),
     n_predict: int = typer.Option(64, "-n", "--n-predict", help="tokens to generate"),
     temp: float = typer.Option(0.0, "--temp", help="temperature; 0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="sampling seed; -1 = random (as in llama.cpp)"),
-    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="K: most tokens drafted per round"),
+    draft_max: DraftMaxOpt = None,
     adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive",
                                   help="choose K per round up to --draft-max (off: always --draft-max)"),
     ctx: int = typer.Option(2048, "-c", "--ctx-size"),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
-    gpu_layers: Optional[int] = typer.Option(None, "-ngl", "--gpu-layers", "--n-gpu-layers",
-                                             help="layers on the GPU (default: auto-fit when a GPU is present, else 0)"),
-    cpu: bool = typer.Option(False, "--cpu", help="no GPU even if one is present"),
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    cpu: CpuOpt = False,
     trace: Optional[Path] = typer.Option(None, "--trace", help="write the routing trace (.npz)"),
     policy: Optional[str] = typer.Option(None, "--policy",
                                          help="expert cache policy: none, static, lru, lfu, spac (default: spac when "
                                               "auto-fit caches experts, else none)"),
-    cache_slots: Optional[int] = typer.Option(None, "--cache-slots", help="cache slots per MoE layer"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="cache size: 2GiB, 512MB or 25% of expert bytes"),
-    hw: Optional[str] = typer.Option(None, "--hw", help="hardware profile (models.toml [hw.*])"),
+    cache_slots: CacheSlotsOpt = None,
+    budget: BudgetOpt = None,
+    hw: HwOpt = None,
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="trace for --policy static"),
     slots_on_host: bool = typer.Option(False, "--slots-on-host", help="keep cache slots in host memory"),
-    mmap: bool = typer.Option(True, "--mmap/--no-mmap",
-                              help="with -ngl: --no-mmap reads host experts into pinned memory (uploads at link speed)"),
+    mmap: MmapOpt = True,
     inpass: Optional[bool] = typer.Option(None, "--inpass/--no-inpass",
                                           help="copy a share of each pass's misses into GPU slots during the pass "
                                                "(default: on for lru and spac with GPU slots)"),
@@ -233,26 +249,24 @@ def run(
 @app.command()
 @_guarded
 def serve(
-    target: Optional[Path] = typer.Argument(None, help="target GGUF (default: the demo pair)"),
-    model: Optional[Path] = typer.Option(None, "-m", "--model", help="target GGUF (same as TARGET)"),
-    draft: Optional[Path] = typer.Option(None, "-md", "--model-draft", "--draft", help="draft GGUF"),
-    pair: Optional[str] = typer.Option(None, "--pair", help="a pair from models.toml"),
-    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="folder where --pair looks for its GGUF files"),
+    target: TargetArg = None,
+    model: ModelOpt = None,
+    draft: DraftOpt = None,
+    pair: PairOpt = None,
+    models_dir: ModelsDirOpt = None,
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port"),
     alias: Optional[str] = typer.Option(None, "--alias", help="model name clients use (default: the target's file stem)"),
-    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="K: most tokens drafted per round"),
+    draft_max: DraftMaxOpt = None,
     ctx: int = typer.Option(4096, "-c", "--ctx-size"),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
-    gpu_layers: Optional[int] = typer.Option(None, "-ngl", "--gpu-layers", "--n-gpu-layers",
-                                             help="layers on the GPU (default: auto-fit when a GPU is present, else 0)"),
-    cpu: bool = typer.Option(False, "--cpu", help="no GPU even if one is present"),
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    cpu: CpuOpt = False,
     policy: Optional[str] = typer.Option(None, "--policy", help="expert cache policy (default as in run)"),
-    cache_slots: Optional[int] = typer.Option(None, "--cache-slots", help="cache slots per MoE layer"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="cache size: 2GiB, 512MB or 25% of expert bytes"),
-    hw: Optional[str] = typer.Option(None, "--hw", help="hardware profile (models.toml [hw.*])"),
-    mmap: bool = typer.Option(True, "--mmap/--no-mmap",
-                              help="with -ngl: --no-mmap reads host experts into pinned memory (uploads at link speed)"),
+    cache_slots: CacheSlotsOpt = None,
+    budget: BudgetOpt = None,
+    hw: HwOpt = None,
+    mmap: MmapOpt = True,
     inpass: Optional[bool] = typer.Option(None, "--inpass/--no-inpass", help="in-pass loads of misses (see run)"),
 ):
     """Serve TARGET over an OpenAI-compatible HTTP API (llama-server's flags where they exist)."""
