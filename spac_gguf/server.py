@@ -57,6 +57,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    n: int = 1                                      # one choice per request (one model context)
 
 
 class CompletionRequest(_Sampling):
@@ -249,6 +250,8 @@ def make_app(pair, *, alias: str, draft_max: int = 4, template: ChatTemplate | N
                            "model_not_found")
 
     def make_job(req: _Sampling, prompt: str, max_tokens: int | None) -> Job:
+        if req.n != 1:
+            raise APIError(400, f"n must be 1 here: one choice per request (got {req.n})", "n")
         if max_tokens is None:
             max_tokens = n_ctx                         # until the end of the text or of the context
         if max_tokens < 1:

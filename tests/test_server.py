@@ -142,6 +142,7 @@ def test_stop_strings_cut_the_text(client, solo):
     (json.dumps({"max_tokens": 4}).encode(), 400, None),
     (json.dumps({"prompt": ["a", "b"]}).encode(), 400, None),
     (json.dumps({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, None),
+    (json.dumps({"prompt": "hi", "n": 3}).encode(), 400, None),
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, code):
     r = httpx.post(server + "/v1/completions", content=body, headers={"content-type": "application/json"})
