@@ -29,8 +29,9 @@ BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="cache size: 
 HwOpt = Annotated[Optional[str], typer.Option("--hw", help="hardware profile (models.toml [hw.*])")]
 GpuLayersOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", "--n-gpu-layers",
                                      help="layers on the GPU (default: auto-fit when a GPU is present, else 0)")]
-MmapOpt = Annotated[bool, typer.Option("--mmap/--no-mmap",
-                                help="with -ngl: --no-mmap reads host experts into pinned memory (uploads at link speed)")]
+MmapOpt = Annotated[Optional[bool], typer.Option("--mmap/--no-mmap",
+                                          help="with -ngl: --no-mmap reads host experts into pinned memory (uploads "
+                                               "at link speed; the default), --mmap keeps them mapped")]
 
 
 class UsageError(Exception):
@@ -162,7 +163,7 @@ def run(
     hw: HwOpt = None,
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="trace for --policy static"),
     slots_on_host: bool = typer.Option(False, "--slots-on-host", help="keep cache slots in host memory"),
-    mmap: MmapOpt = True,
+    mmap: MmapOpt = None,
     inpass: Optional[bool] = typer.Option(None, "--inpass/--no-inpass",
                                           help="copy a share of each pass's misses into GPU slots during the pass "
                                                "(default: on for lru and spac with GPU slots)"),
@@ -266,7 +267,7 @@ def serve(
     cache_slots: CacheSlotsOpt = None,
     budget: BudgetOpt = None,
     hw: HwOpt = None,
-    mmap: MmapOpt = True,
+    mmap: MmapOpt = None,
     inpass: Optional[bool] = typer.Option(None, "--inpass/--no-inpass", help="in-pass loads of misses (see run)"),
 ):
     """Serve TARGET over an OpenAI-compatible HTTP API (llama-server's flags where they exist)."""

@@ -35,9 +35,15 @@ class RunConfig:
     hw: str | None = None               # --hw
     calibration: Path | None = None     # --calibration
     slots_on_host: bool = False         # --slots-on-host
-    mmap: bool = True                   # --mmap/--no-mmap
+    mmap: bool | None = None            # --mmap/--no-mmap; None: pinned host experts with a GPU, mapped without
     inpass: bool | None = None          # --inpass/--no-inpass
     draft_max: int | None = None        # --draft-max; None: the pair's, else DEFAULT_DRAFT_MAX
+
+    @property
+    def pinned_experts(self) -> bool | None:
+        """--no-mmap reads host experts into pinned memory, --mmap keeps them mapped; None: the
+        pair's default (pinned when layers go to a GPU)."""
+        return None if self.mmap is None else not self.mmap
 
     def validate(self) -> "RunConfig":
         if self.n_ctx < 16:
@@ -106,7 +112,7 @@ class RunConfig:
         target, draft, K = self.models()
         p = load(target, draft, n_ctx=self.n_ctx, n_threads=self.threads, budget=self.budget, hw=self.hw,
                  calibration=self.calibration, draft_max=K, slots_on_host=True if self.slots_on_host else None,
-                 pinned_experts=False if not self.mmap else None, inpass=self.inpass,
+                 pinned_experts=self.pinned_experts, inpass=self.inpass,
                  **self.placement(target, draft))
         return p, target, draft, K
 

@@ -25,3 +25,10 @@ def test_defaults_live_in_one_place(tmp_path):
     assert RunConfig(target=t).models() == (t, None, DEFAULT_DRAFT_MAX)
     assert RunConfig(target=t, draft_max=0).models()[2] == 0
     assert RunConfig(cpu=True, gpu_layers=None).placement(t, None) == {"n_gpu_layers": 0, "policy": "none", "cache_slots": None}
+
+
+def test_mmap_flags_mean_what_llama_cpp_means():
+    """--no-mmap: host experts read into pinned memory; --mmap: mapped; neither: the pair's default."""
+    assert RunConfig(mmap=False).pinned_experts is True
+    assert RunConfig(mmap=True).pinned_experts is False
+    assert RunConfig().pinned_experts is None
