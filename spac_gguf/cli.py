@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -85,8 +87,6 @@ class StatusLine:
         self.line = (self.line + piece).rsplit("\n", 1)[-1]
 
     def update(self, stats, cache: dict | None) -> None:
-        import shutil
-        import time
         now = time.perf_counter()
         if not self.enabled or now - self.t_last < self.every_s:
             return
