@@ -96,11 +96,11 @@ class Engine:
         ids = np.asarray(ids, np.int32)
         ok = ids >= 0
         l = np.broadcast_to(np.arange(ids.shape[1])[None, :, None], ids.shape)
-        h = int(self.live[l[ok], ids[ok]].sum())
+        h, n = int(self.live[l[ok], ids[ok]].sum()), int(ok.sum())
         self.hits += h
-        self.misses += int(ok.sum()) - h
-        if ok.any():                                    # recent miss rate (EMA over passes) for the split
-            self.miss_rate += 0.2 * ((int(ok.sum()) - h) / int(ok.sum()) - self.miss_rate)
+        self.misses += n - h
+        if n:                                           # recent miss rate (EMA over passes) for the split
+            self.miss_rate += 0.2 * ((n - h) / n - self.miss_rate)
         self.policy.observe(ids, accepted)
         self._passes += 1
         if self._passes % self.plan_every:

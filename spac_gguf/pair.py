@@ -157,8 +157,7 @@ class ModelPair:
     def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool,
                       inpass: "bool | InPass | None"):
         """Expert cache + policy + asynchronous engine on the target context."""
-        from .balancer import InfeasibleBudget, slots_for_budget
-        from .balancer import inpass_share
+        from .balancer import InfeasibleBudget, inpass_share, slots_for_budget
         from .cache import ExpertCache
         from .engine import Engine
         from .hardware import load_profile

@@ -139,14 +139,12 @@ class Worker:
 
         pair = self.pair
         try:
-            n_prompt = len(pair.tokenize(job.prompt))
-            n_ctx = pair.target_ctx.n_ctx
-            if n_prompt == 0:
-                raise APIError(400, "the prompt is empty", "prompt")
-            if n_prompt + 1 >= n_ctx:
+            tokens = pair.tokenize(job.prompt)           # once: generate() takes the ids
+            n_prompt, n_ctx = len(tokens), pair.target_ctx.n_ctx
+            if n_prompt + 1 >= n_ctx:                  # generate() refuses it too; this names the OpenAI code
                 raise APIError(400, f"the prompt has {n_prompt} tokens; this server's context holds {n_ctx} (-c)",
                                "prompt", "context_length_exceeded")
-            gen = pair.generate(job.prompt, max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
+            gen = pair.generate(tokens, max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
                                 seed=job.seed, draft_max=self.draft_max if pair.draft_ctx is not None else 0)
             text, emitted, n, finish = "", 0, 0, None
             hold = max((len(s) for s in job.stops), default=1) - 1   # a stop string may straddle tokens
@@ -188,7 +186,7 @@ class Worker:
         except APIError as e:
             self._count_error()
             put(("error", e))
-        except (ValueError, ChatError) as e:          # InputError and friends: the request's fault
+        except ValueError as e:                       # InputError, ChatError: the request's fault
             self._count_error()
             put(("error", APIError(400, str(e))))
         except BackendError as e:
