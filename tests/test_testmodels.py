@@ -106,7 +106,9 @@ def _greedy(m, prompt: bytes, n: int) -> list[int]:
                          + [("qwen3moe", "Q4_0"), ("qwen2moe", "F16")])
 def test_loads_and_decodes(arch_name, quant):
     t, d = testmodels.make_pair(arch=arch_name, quant=quant)
-    mt, md = _load(t), _load(d)
+    # logits_all: without it llama-cpp-python never writes `scores` (the row checked below would be
+    # uninitialised memory, finite only by luck)
+    mt, md = _load(t, logits_all=True), _load(d)
     n_vocab = 32000 if arch_name == "llama" else 151936
     assert mt.n_vocab() == md.n_vocab() == n_vocab
     text = b"Hello world, this is a test"
