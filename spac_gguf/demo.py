@@ -250,13 +250,16 @@ def heldout_texts() -> dict[str, str]:
 
 
 def tokenize(model_path: str | os.PathLike, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
-    """Tokens as llama.cpp makes them (vocab-only load: cheap); `special` parses <|im_start|> etc."""
-    import llama_cpp
-    llm = llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
+    """Tokens as llama.cpp makes them (vocab-only load: cheap); `special` parses <|im_start|> etc.
+    Through our backend, not `llama_cpp.Llama`: that one makes a context even for a vocab-only
+    model, whose n_ctx_train is 0, so llama.cpp warned `n_ctx_seq (512) > n_ctx_train (0)` on
+    every demo build."""
+    from .llama_backend import LlamaModel
+    m = LlamaModel(model_path, vocab_only=True)
     try:
-        return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        return m.tokenize(text, add_special=add_bos, parse_special=special)
     finally:
-        llm.close()
+        m.close()
 
 
 def fit_chunks(model_path: str | os.PathLike, n_tokens: int, chunk: int = 512) -> list[list[int]]:
@@ -618,9 +621,9 @@ def evaluate_pair(target_path, draft_path, n_tokens: int = 400, n_greedy: int = 
 
 
 def tokens_to_text(model_path, tokens: list[int]) -> str:
-    import llama_cpp
-    llm = llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
+    from .llama_backend import LlamaModel
+    m = LlamaModel(model_path, vocab_only=True)
     try:
-        return llm.detokenize(tokens).decode("utf-8", errors="replace")
+        return m.detokenize(tokens)
     finally:
-        llm.close()
+        m.close()

@@ -178,13 +178,15 @@ class Placement:
 
 
 class LlamaModel:
-    """A loaded GGUF model (weights + vocabulary)."""
+    """A loaded GGUF model (weights + vocabulary; only the vocabulary with `vocab_only`, enough to
+    tokenize without mapping weights or making a context)."""
 
-    def __init__(self, path: str | Path, placement: Placement | None = None):
+    def __init__(self, path: str | Path, placement: Placement | None = None, vocab_only: bool = False):
         _init_backend()
         self.path = str(path)
         self.placement = placement or Placement()
         params = llc.llama_model_default_params()
+        params.vocab_only = vocab_only
         params.n_gpu_layers = self.placement.n_gpu_layers
         pinned = pinned_host_buffer_type() if self.placement.pinned_experts and self.placement.experts_on_cpu else None
         self.pinned = pinned is not None

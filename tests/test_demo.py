@@ -7,6 +7,8 @@ under the spac-gguf cache dir (demo/ and demo/test-variants/)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,6 +161,26 @@ def test_build_is_cached_and_deterministic(pair, tmp_path):
     assert meta["target_sha256"] == sha256_file(target)
     assert demo.build_demo_pair() == (target, draft)
     assert demo.demo_paths() == (target, draft)
+
+
+def test_context_length_key(pair, variants):
+    """Every demo GGUF says how long a context its source model takes (SmolLM2: 8192), read back
+    from the written files."""
+    target, draft = pair
+    for path in (draft, target, variants[16], variants[1]):
+        r = gguf.GGUFReader(str(path))
+        assert int(r.fields["llama.context_length"].contents()) == 8192, path
+
+
+def test_tokenize_prints_nothing(pair):
+    """The demo build tokenizes its fitting text; that once printed llama.cpp's
+    `n_ctx_seq (512) > n_ctx_train (0)` (a context made for a vocab-only model). A fresh process,
+    so no earlier test's log callback hides it."""
+    _, draft = pair
+    code = f"from spac_gguf import demo; print(len(demo.tokenize({str(draft)!r}, 'Hello world')))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) > 1 and r.stderr == ""
 
 
 def test_demo_pair_quality(pair):
