@@ -11,6 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import Progress, TimeElapsedColumn
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spac_gguf import testmodels  # noqa: E402
@@ -55,30 +58,44 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/bench/sim.json")
     a = ap.parse_args()
-    traces = {}
-    t, d = testmodels.make_pair(arch="qwen3moe", quant="Q8_0")
-    traces["test-qwen3moe (random weights)"] = record("test-qwen3moe", t, d, a.tokens, a.threads)
-    demo = pair_spec("demo")
-    if demo.target.exists():
-        traces["demo SmolLM2-MoE (real weights)"] = record("demo", demo.target, demo.draft, a.tokens, a.threads)
-    # Qwen3-30B-A3B-shaped, synthetic routing (Zipf popularity that drifts, temporal locality): the
-    # shape where the expert path dominates a pass, unlike the two small models above
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from _synthetic import synthetic_trace
-    traces["synthetic 48x128 top-8, 2.65 MB experts"] = synthetic_trace(
-        n_passes=120, n_layers=48, n_expert=128, k=8, draft_max=5, expert_bytes=2_654_208, seed=1)
-    rows = []
-    for tname, tr in traces.items():
-        for hw in HW:
-            prof = load_profile(hw)
-            for budget in BUDGETS:
-                try:
-                    res = simulate(tr, POLICIES, budget=budget, hw=prof)
-                except InfeasibleBudget:
-                    continue                      # less than one slot per layer
-                for pol, r in res["policies"].items():
-                    rows.append({"trace": tname, "hw": hw, "budget": budget, "policy": pol,
-                                 "slots_per_layer": res.get("slots_per_layer"), **r})
+    # progress bars on stderr in a terminal only; the table on stdout is the same either way
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=Console(stderr=True),
+                  transient=True, disable=not sys.stderr.isatty()) as prog:
+        traces = {}
+        demo = pair_spec("demo")
+        step = prog.add_task("traces", total=3 if demo.target.exists() else 2)
+        prog.update(step, description="trace: test-qwen3moe")
+        t, d = testmodels.make_pair(arch="qwen3moe", quant="Q8_0")
+        traces["test-qwen3moe (random weights)"] = record("test-qwen3moe", t, d, a.tokens, a.threads)
+        prog.advance(step)
+        if demo.target.exists():
+            prog.update(step, description="trace: demo")
+            traces["demo SmolLM2-MoE (real weights)"] = record("demo", demo.target, demo.draft, a.tokens, a.threads)
+            prog.advance(step)
+        # Qwen3-30B-A3B-shaped, synthetic routing (Zipf popularity that drifts, temporal locality): the
+        # shape where the expert path dominates a pass, unlike the two small models above
+        prog.update(step, description="trace: synthetic")
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from _synthetic import synthetic_trace
+        traces["synthetic 48x128 top-8, 2.65 MB experts"] = synthetic_trace(
+            n_passes=120, n_layers=48, n_expert=128, k=8, draft_max=5, expert_bytes=2_654_208, seed=1)
+        prog.advance(step)
+        rows = []
+        sim = prog.add_task("simulate", total=len(traces) * len(HW) * len(BUDGETS))
+        for tname, tr in traces.items():
+            for hw in HW:
+                prof = load_profile(hw)
+                for budget in BUDGETS:
+                    prog.update(sim, description=f"simulate: {tname.split(' ')[0]} {hw} {budget}")
+                    try:
+                        res = simulate(tr, POLICIES, budget=budget, hw=prof)
+                    except InfeasibleBudget:
+                        continue                      # less than one slot per layer
+                    finally:
+                        prog.advance(sim)
+                    for pol, r in res["policies"].items():
+                        rows.append({"trace": tname, "hw": hw, "budget": budget, "policy": pol,
+                                     "slots_per_layer": res.get("slots_per_layer"), **r})
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"rows": rows, "traces": {k: {"passes": v.n_passes, "rows": int(v.ids.shape[0]),
                                                                      "meta": v.meta} for k, v in traces.items()}},

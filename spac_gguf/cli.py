@@ -362,8 +362,16 @@ def simulate(
 def calibrate(base: Optional[str] = typer.Option(None, "--base", help="profile to take GPU fields from"),
               name: Optional[str] = typer.Option(None, "--name")):
     """Measure this machine's CPU expert bandwidth; print a [hw.NAME] table for models.toml."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     from .hardware import calibrate as measure
-    prof = measure(name=name, base=base)
+    # one measurement with no steps to count: a spinner, in a terminal only (like run's status line)
+    tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    with Progress(SpinnerColumn(), TextColumn("calibrate: measuring CPU streaming bandwidth"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True, disable=not tty) as prog:
+        prog.add_task("calibrate", total=None)
+        prof = measure(name=name, base=base)
     print(prof.to_toml())
 
 

@@ -156,16 +156,13 @@ def test_expert_pattern_selects_layers():
     assert sorted(some) == sorted(f"blk.{i}.ffn_{p}_exps.weight" for i in (1, 2) for p in ("up", "gate", "down"))
 
 
-def test_status_line_in_a_terminal_only(qwen):
-    """With stderr a terminal (a pty here) the run shows a live status line and erases it before the
-    summary; with stderr a pipe (every other test) there is no escape code at all."""
+def cli_in_terminal(*args: str, timeout: int = 120) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the CLI with stderr a terminal (a pty) and stdout a pipe."""
     import os
     import pty
-    t, d = qwen
     master, slave = pty.openpty()
     env = dict(os.environ, TERM="xterm")
-    p = subprocess.Popen([sys.executable, "-m", "spac_gguf.cli", "run", str(t), "--draft", str(d), "-n", "24",
-                          "-t", str(n_test_threads()), "-p", "Hello"], stdout=subprocess.PIPE, stderr=slave, env=env)
+    p = subprocess.Popen([sys.executable, "-m", "spac_gguf.cli", *args], stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     chunks = []
     while True:
@@ -176,12 +173,32 @@ def test_status_line_in_a_terminal_only(qwen):
         if not b:
             break
         chunks.append(b)
-    p.wait(timeout=120)
+    out = p.stdout.read().decode()
+    p.wait(timeout=timeout)
     os.close(master)
-    err = b"".join(chunks).decode("utf-8", "replace")
-    assert p.returncode == 0
+    return p.returncode, out, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_status_line_in_a_terminal_only(qwen):
+    """With stderr a terminal (a pty here) the run shows a live status line and erases it before the
+    summary; with stderr a pipe (every other test) there is no escape code at all."""
+    t, d = qwen
+    rc, _, err = cli_in_terminal("run", str(t), "--draft", str(d), "-n", "24", "-t", str(n_test_threads()),
+                                 "-p", "Hello")
+    assert rc == 0
     assert "\r\x1b[K\x1b[2m[" in err and "tok/s" in err          # the status was drawn
     summary = err.split("\r\x1b[K")[-1]                           # what is left after the last erase
     assert summary.lstrip().startswith("[24 tokens") and "\x1b[2m" not in summary
     plain = cli("run", str(t), "--draft", str(d), "-n", "8", "-t", str(n_test_threads()))
     assert "\x1b[" not in plain.stderr
+
+
+def test_calibrate_spinner_in_a_terminal_only():
+    """calibrate prints its [hw.NAME] table on stdout either way; a spinner runs on stderr only when
+    stderr is a terminal, and is erased (transient) before the command ends."""
+    rc, out, err = cli_in_terminal("calibrate", "--name", "here")
+    assert rc == 0 and out.startswith("[hw.here]") and "cpu_expert_gbps" in out
+    assert "measuring CPU streaming bandwidth" in err
+    assert err.endswith("\x1b[2K")                      # the last thing drawn is the erase
+    plain = cli("calibrate", "--name", "here")
+    assert plain.returncode == 0 and plain.stdout.startswith("[hw.here]") and plain.stderr == ""
