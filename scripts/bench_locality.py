@@ -34,8 +34,8 @@ def real_traces(tokens: int, threads: int) -> dict:
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_sim import record
-        from spac_gguf import testmodels
         from spac_gguf.registry import pair_spec
+        from spac_gguf.testing import models as testmodels
         demo = pair_spec("demo")
         if demo.target.exists():
             out["demo SmolLM2-MoE (real weights)"] = record("demo", demo.target, demo.draft, tokens, threads)

@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spac_gguf import native, testmodels  # noqa: E402
+from spac_gguf import native  # noqa: E402
+from spac_gguf.testing import models as testmodels  # noqa: E402
 from spac_gguf.cache import ExpertCache  # noqa: E402
 from spac_gguf.llama_backend import LlamaContext, LlamaModel  # noqa: E402
 from spac_gguf.pair import load  # noqa: E402

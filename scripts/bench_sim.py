@@ -16,12 +16,13 @@ from rich.progress import Progress, TimeElapsedColumn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spac_gguf import testmodels  # noqa: E402
 from spac_gguf.balancer import InfeasibleBudget  # noqa: E402
 from spac_gguf.hardware import load_profile  # noqa: E402
 from spac_gguf.pair import load  # noqa: E402
 from spac_gguf.registry import cache_dir, pair_spec  # noqa: E402
 from spac_gguf.simulator import simulate  # noqa: E402
+from spac_gguf.testing import models as testmodels  # noqa: E402
+from spac_gguf.testing.synthetic import synthetic_trace  # noqa: E402
 from spac_gguf.trace import RoutingTrace  # noqa: E402
 
 PROMPTS = ["def quicksort(items):\n", "The old lighthouse keeper walked down to the shore and",
@@ -75,8 +76,6 @@ def main() -> None:
         # Qwen3-30B-A3B-shaped, synthetic routing (Zipf popularity that drifts, temporal locality): the
         # shape where the expert path dominates a pass, unlike the two small models above
         prog.update(step, description="trace: synthetic")
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from _synthetic import synthetic_trace
         traces["synthetic 48x128 top-8, 2.65 MB experts"] = synthetic_trace(
             n_passes=120, n_layers=48, n_expert=128, k=8, draft_max=5, expert_bytes=2_654_208, seed=1)
         prog.advance(step)

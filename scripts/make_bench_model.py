@@ -92,7 +92,7 @@ def tokenizer_kv(vocab: Path) -> tuple[list, int]:
 
 
 def default_vocab() -> Path:
-    from spac_gguf import testmodels
+    from spac_gguf.testing import models as testmodels
     return testmodels.vocab_path("ggml-vocab-qwen2.gguf")
 
 

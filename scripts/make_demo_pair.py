@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build the real-weights demo pair (SmolLM2-135M MoE target + dense draft) into the cache.
 
-Thin wrapper over spac_gguf.demo.build_demo_pair; `--eval` also measures it (docs/DEMO.md)."""
+Thin wrapper over spac_gguf.demo.build_demo_pair; `--eval` also measures it
+(spac_gguf.testing.demo_eval, docs/DEMO.md)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spac_gguf import demo  # noqa: E402
+from spac_gguf.testing import demo_eval  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
     print(f"draft  {draft} ({draft.stat().st_size / 2**20:.1f} MiB)")
     print(f"ready in {time.time() - t0:.1f}s", file=sys.stderr)
     if a.eval:
-        print(json.dumps(demo.evaluate_pair(target, draft, n_threads=a.threads), indent=1))
+        print(json.dumps(demo_eval.evaluate_pair(target, draft, n_threads=a.threads), indent=1))
     return 0
 
 

@@ -6,7 +6,7 @@
 
 Writes DIR/<arch>-target.gguf and DIR/<arch>-draft.gguf.  Default DIR is
 <cache>/test-models (what models.toml's `cache:test-models/...` paths point at).  Generation is
-cached by content key (spac_gguf.testmodels.make_pair), so a rerun only copies.
+cached by content key (spac_gguf.testing.models.make_pair), so a rerun only copies.
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spac_gguf import testmodels  # noqa: E402
+from spac_gguf.registry import cache_dir  # noqa: E402
+from spac_gguf.testing import models as testmodels  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=testmodels.cache_dir() / "test-models",
+    ap.add_argument("--out", type=Path, default=cache_dir() / "test-models",
                     help="output folder (default: %(default)s)")
     ap.add_argument("--quant", default="Q8_0", choices=testmodels.QUANTS, help="routed-expert quant type")
     ap.add_argument("--arch", action="append", choices=testmodels.ARCHS,

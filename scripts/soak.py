@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spac_gguf import gguf_layout, testmodels  # noqa: E402
+from spac_gguf import gguf_layout  # noqa: E402
+from spac_gguf.testing import models as testmodels  # noqa: E402
 from spac_gguf.pair import load  # noqa: E402
 
 PROMPTS = ["The history of the city begins", "def parse(text):", "Once upon a time", "In the year 1850,",

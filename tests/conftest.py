@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from spac_gguf import testmodels
+from spac_gguf.testing import models as testmodels
 
 ARCHS = testmodels.ARCHS
 PROMPTS = ["Hello world, this is a test", "def fibonacci(n):", "The capital of France is"]

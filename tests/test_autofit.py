@@ -11,7 +11,8 @@ import gguf
 import numpy as np
 import pytest
 
-from spac_gguf import autofit, gguf_layout, testmodels
+from spac_gguf import autofit, gguf_layout
+from spac_gguf.testing import models as testmodels
 
 MiB = 1 << 20
 

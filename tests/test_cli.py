@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from spac_gguf import native, testmodels
+from spac_gguf import native
+from spac_gguf.testing import models as testmodels
 
 from conftest import n_test_threads
 

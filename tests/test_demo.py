@@ -20,6 +20,7 @@ from gguf.quants import dequantize  # noqa: E402
 from spac_gguf import demo, native  # noqa: E402
 from spac_gguf.pair import load  # noqa: E402
 from spac_gguf.registry import sha256_file  # noqa: E402
+from spac_gguf.testing import demo_eval  # noqa: E402
 
 PROMPTS = [
     "The history of the Python programming language begins in",
@@ -60,7 +61,7 @@ def _logits(path, prompts, n_batch=512):
     out = []
     for p in prompts:
         toks = llm.tokenize(p.encode(), add_bos=True, special=True)
-        out.append(demo.all_logits(llm, toks))
+        out.append(demo_eval.all_logits(llm, toks))
     llm.close()
     return out
 
@@ -186,7 +187,7 @@ def test_tokenize_prints_nothing(pair):
 def test_demo_pair_quality(pair):
     """The shipped recipe stays within the bounds reported in docs/DEMO.md."""
     target, draft = pair
-    r = demo.evaluate_pair(target, draft, n_tokens=150, n_greedy=32, routing=False, agreement=False)
+    r = demo_eval.evaluate_pair(target, draft, n_tokens=150, n_greedy=32, routing=False, agreement=False)
     ratio = r["target_ppl"] / r["draft_ppl"]
     assert ratio <= MAX_PPL_RATIO, r
     assert ratio > 1.0, r  # sparse: it must lose something, or the experts are not being dropped
@@ -195,10 +196,10 @@ def test_demo_pair_quality(pair):
 
 def test_spec_acceptance_replay():
     # every proposal right: all accepted; first of each round wrong: none
-    assert demo.spec_acceptance([True] * 10, 4) == 1.0
-    assert demo.spec_acceptance([False] * 10, 4) == 0.0
+    assert demo_eval.spec_acceptance([True] * 10, 4) == 1.0
+    assert demo_eval.spec_acceptance([False] * 10, 4) == 0.0
     # rounds: [T,T,F] -> 2 of 3 proposed... with k=4: [T,T,F,T] accepts 2 of 4, restarts after the miss
-    assert demo.spec_acceptance([True, True, False, True, True, True, True, True], 4) == pytest.approx(6 / 8)
+    assert demo_eval.spec_acceptance([True, True, False, True, True, True, True, True], 4) == pytest.approx(6 / 8)
 
 
 @pytest.mark.skipif(not native.available(), reason="needs our patched llama.cpp build")

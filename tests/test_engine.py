@@ -110,7 +110,7 @@ def test_share_none_takes_the_balancers_split_per_pass():
 
 def test_the_calls_K_sets_the_link_bytes_per_round():
     """--draft-max reaches the engine by one road: each generate() call's K, not the constructor's."""
-    from spac_gguf import testmodels
+    from spac_gguf.testing import models as testmodels
     from spac_gguf.hardware import load_profile
     from spac_gguf.pair import load
     t, d = testmodels.make_pair(arch="qwen3moe", quant="Q8_0")

@@ -54,7 +54,7 @@ REGRESSIONS: list[tuple[str, str, str, int]] = [
 # ----------------------------------------------------------------------------------------------
 
 def source_path(source: str) -> Path:
-    from spac_gguf import testmodels
+    from spac_gguf.testing import models as testmodels
     arch, role = source.split(":")
     target, draft = testmodels.make_pair(arch=arch, quant="Q8_0")
     return target if role == "target" else draft

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gguf
-from spac_gguf import testmodels
+from spac_gguf.testing import models as testmodels
 from spac_gguf.gguf_layout import (GGUFCorruptError, GGUFError, GGUFNotFoundError, GGUFTruncatedError,
                                    NotGGUFError, describe, format_layout)
 

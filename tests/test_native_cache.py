@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spac_gguf import gguf_layout, native, testmodels
+from spac_gguf import gguf_layout, native
+from spac_gguf.testing import models as testmodels
 from spac_gguf.cache import ExpertCache
 from spac_gguf.llama_backend import LlamaContext, LlamaModel
 

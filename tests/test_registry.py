@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spac_gguf import testmodels
+from spac_gguf.testing import models as testmodels
 from spac_gguf.registry import find_file, load_registry, pair_spec
 
 

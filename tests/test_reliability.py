@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from spac_gguf import testmodels
+from spac_gguf.testing import models as testmodels
 from spac_gguf.llama_backend import BackendError, LlamaContext, LlamaModel
 from spac_gguf.pair import load
 from spac_gguf.trace import RoutingTrace

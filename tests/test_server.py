@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from spac_gguf import testmodels
+from spac_gguf.testing import models as testmodels
 from spac_gguf.chat import ChatError, ChatTemplate
 from spac_gguf.pair import load
 

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from _synthetic import synthetic_trace
 from spac_gguf.balancer import InfeasibleBudget
 from spac_gguf.hardware import REF_EXPERT_BYTES, HardwareProfile, load_profile
 from spac_gguf.policies import LRUPolicy
 from spac_gguf.simulator import format_table, simulate, slots_per_layer, verify_time
+from spac_gguf.testing.synthetic import synthetic_trace
 
 HW = load_profile("desktop-pcie4x16")
 ALL = ["none", "static", "lru", "lfu", "oracle_budgeted", "belady", "spac"]

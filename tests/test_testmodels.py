@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spac_gguf import testmodels
+from spac_gguf.testing import models as testmodels
 from spac_gguf.gguf_layout import read_gguf
 
 MAX_BYTES = 32 * 1024 * 1024
@@ -24,7 +24,7 @@ def _sha(p: Path) -> str:
 def test_deterministic_across_processes(tmp_path):
     """A fresh interpreter (different hash seed) writes the same bytes as this one."""
     a = testmodels.build_pair(tmp_path / "a", "llama", "Q4_0")
-    code = ("import sys; from spac_gguf import testmodels as t; "
+    code = ("import sys; from spac_gguf.testing import models as t; "
             "t.build_pair(sys.argv[1], 'llama', 'Q4_0')")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], check=True, cwd=ROOT,
                    env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spac_gguf.trace import RoutingTrace
+from ..trace import RoutingTrace
 
 
 def synthetic_trace(n_passes=200, n_layers=4, n_expert=32, k=4, draft_max=4, *, zipf=1.1, locality=0.5,
