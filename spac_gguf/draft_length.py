@@ -106,11 +106,29 @@ class DraftLength:
     def verify_time(self, rows: int) -> float:
         return self.verify_times(rows)[rows - 1]
 
+    def _monotone_points(self) -> list[tuple[int, float]]:
+        """The seen (rows, t_v) made non-decreasing in rows by pooling adjacent violators, each weighted
+        by its observations: a pass with more rows never costs less with the same cache. Measurements
+        are taken at different times (K = 0 measured while the expert cache was cold and rarely after)
+        and otherwise make a cheap row count look dear for good."""
+        blocks: list[list[float]] = []           # [weighted sum, weight, first rows index]
+        pts = sorted(self._verify.items())
+        for i, (_, m) in enumerate(pts):
+            blocks.append([m.value * max(m.n, 1), float(max(m.n, 1)), i])
+            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+                s, w, _ = blocks.pop()
+                blocks[-1][0] += s
+                blocks[-1][1] += w
+        out, ends = [], [b[2] for b in blocks[1:]] + [len(pts)]
+        for b, end in zip(blocks, ends):
+            out += [(pts[j][0], b[0] / b[1]) for j in range(b[2], end)]
+        return out
+
     def verify_times(self, max_rows: int) -> list[float]:
-        """t_v(1..max_rows): measured where seen; else a line through the seen row counts (slope >= 0),
-        clamped between the nearest seen neighbours so it stays monotone in rows.
+        """t_v(1..max_rows): measured where seen (pooled to be monotone in rows); else a line through
+        the seen row counts (slope >= 0), clamped between the nearest seen neighbours.
         Plain Python: a handful of points, and this runs every round."""
-        pts = sorted((r, m.value) for r, m in self._verify.items()) or [(1, 1.0)]   # (unmeasured: relative)
+        pts = self._monotone_points() or [(1, 1.0)]   # (unmeasured: relative)
         if len(pts) == 1:                        # one anchor: the prior's relative cost per row
             r0, t0 = pts[0]
             t1 = t0 / (1.0 + self.prior_row_cost * (r0 - 1))

@@ -96,11 +96,12 @@ def check(what: str, rc: int) -> int:
 
 
 def counters(ctx_ptr) -> dict:
-    """In-pass and asynchronous loads since cache_init (count, bytes)."""
-    out = (ctypes.c_uint64 * 4)()
-    check("cache_counters", api.cache_counters(ctx_ptr, out, 4))
+    """In-pass and asynchronous loads since cache_init (count, bytes), and (row, expert) pairs the host
+    computed."""
+    out = (ctypes.c_uint64 * 5)()
+    n = check("cache_counters", api.cache_counters(ctx_ptr, out, 5))
     return {"inpass_loads": int(out[0]), "inpass_bytes": int(out[1]),
-            "async_loads": int(out[2]), "async_bytes": int(out[3])}
+            "async_loads": int(out[2]), "async_bytes": int(out[3]), "host_pairs": int(out[4]) if n >= 5 else 0}
 
 
 def replay(ctx_ptr, il: int, ids: np.ndarray | None) -> None:

@@ -158,6 +158,22 @@ def test_verify_time_interpolates_monotonically():
     assert ctl.verify_time(4) >= ctl.verify_time(3)
 
 
+def test_a_cold_start_does_not_keep_a_useless_draft():
+    """Seen on the GPU: the one-row pass was measured only while the expert cache was cold (slow), later
+    two-row passes on a warm cache were cheaper, and K = 1 with a draft that is never accepted ran for
+    good. Verify times are pooled to be monotone in rows, so K = 0 wins as soon as drafting is useless."""
+    ctl = DraftLength()
+    ctl.observe(4, 0, 4 * 0.002, 0.060)                 # the first round speculates (cold cache)
+    ctl.observe(0, 0, 0.0, 0.050)                       # a cold one-row pass
+    ks = []
+    for _ in range(40):                                 # warm: 20 ms per pass whatever the rows
+        K = ctl.choose(4)
+        ks.append(K)
+        ctl.observe(K, 0, K * 0.002, 0.020)
+    assert ctl.verify_time(1) <= ctl.verify_time(2) <= ctl.verify_time(5)
+    assert ks[-20:].count(0) >= 18, ks
+
+
 def test_limit_is_respected_near_the_end():
     ctl = DraftLength()
     simulate(ctl, [0.95] * 8, a=10.0, b=0.1, t_draft=0.2, limit=8, rounds=50)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call (< 10 minutes): the CUDA build and the GPU tests (scripts/device_test.sh), then the
+# per-pass CPU/GPU split of spac at fixed shares, plain decoding (spac_ar) and K = 5 (spac), replayed
+# random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor of the call.
+#   SHARES="0.7 0.5 0.35" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
+# Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab (see scripts/device_test.sh).
+set -uo pipefail
+OUT=${OUT:-/tmp/split}
+SHARES=${SHARES:-0.7 0.5 0.35}
+mkdir -p "$OUT"
+T0=$(date +%s)
+bash scripts/device_test.sh 2>&1 | tail -4
+export PYTHONPATH=/tmp/site:$PWD
+M=/tmp/spac-bench-full
+[ -f $M/bench-target.gguf ] || python3 scripts/make_bench_model.py --out $M --scale full --vocab .dev/vocab/ggml-vocab-qwen2.gguf | tail -1
+B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf --routing random,qwen3-calibrated --budgets 0.17 --acceptances 0.7 --repeats 2 --no-bw"
+first=1
+for sh in $SHARES; do
+  LEFT=$(( 570 - ($(date +%s) - T0) ))
+  [ "$LEFT" -gt 60 ] || { echo "no time left for share $sh"; break; }
+  timeout $(( LEFT - 10 )) $B --out "$OUT/split-$sh.json" --systems spac_ar,spac$([ $first = 1 ] && echo ,llama_ar_cpu) \
+      --spac-share $sh --time-limit $(( LEFT - 40 )) 2>&1 | grep -E "tps=" || echo "bench share $sh exit $?"
+  first=0
+done
+echo "done in $(( $(date +%s) - T0 )) s"
