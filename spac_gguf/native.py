@@ -12,6 +12,7 @@ import llama_cpp.llama_cpp as llc
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
 API_VERSION = 2  # LLAMA_MOE_API_VERSION this package was written against
 SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_MAPPED = 0, 1, 2, 3   # llama_moe_slot_state
+ERR_ALLOC = -8                                                   # LLAMA_MOE_ERR_ALLOC
 
 STATUS = {
     0: "ok", -1: "layer out of range or not cacheable", -2: "slot out of range", -3: "expert out of range",

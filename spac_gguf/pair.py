@@ -154,6 +154,16 @@ class ModelPair:
         self.draft_length = DraftLength() if self.draft is not None else None
         self.last_stats: Stats | None = None
 
+    def _cache_too_big(self, cache_slots: int) -> str:
+        """The one line for a cache the GPU could not allocate: its size against the free memory."""
+        from .autofit import device_memory
+        lay = self.layout
+        need = (cache_slots + 1) * lay.bytes_per_expert * len(lay.moe_layers)   # + the all-zero slot
+        mem = device_memory()
+        free = f" of the {mem.free / 2**30:.2f} GiB the GPU has free now" if mem else ""
+        return (f"expert cache: {cache_slots} slots per layer need {need / 2**30:.2f} GiB, more than the GPU could "
+                f"allocate{free}; lower --budget or --cache-slots, or leave both out (auto-fit sizes the cache)")
+
     def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool,
                       inpass: "bool | InPass | None"):
         """Expert cache + policy + asynchronous engine on the target context."""
@@ -190,6 +200,8 @@ class ModelPair:
         try:
             self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host)
         except native.NativeError as e:
+            if e.code == native.ERR_ALLOC and not on_host:   # the GPU is short of memory
+                raise InputError(self._cache_too_big(cache_slots)) from None
             raise InputError(f"expert cache: {e}") from None
         pol = make_policy(policy, self.cache.n_layers, self.cache.n_expert, self.cache.expert_bytes,
                           hw=profile, calibration=calib)

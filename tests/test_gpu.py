@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spac_gguf import native, testmodels
+from spac_gguf import native
+from spac_gguf.testing import models as testmodels
 from spac_gguf.cache import ExpertCache
 from spac_gguf.llama_backend import LlamaContext, LlamaModel, Placement, gpu_available
 from spac_gguf.pair import load
