@@ -9,16 +9,18 @@ set -uo pipefail
 FREE_GIB=${FREE_GIB:-12}
 M=/tmp/spac-bench-full
 export PYTHONPATH=/tmp/site:$PWD
+rm -f /tmp/blocker.ready
 python3 - "$FREE_GIB" <<'PY' &
 import sys, time, torch
 free, total = torch.cuda.mem_get_info()
 keep = int(float(sys.argv[1]) * 2**30)
 x = torch.empty(max(free - keep, 0), dtype=torch.uint8, device="cuda")
 print(f"blocker: holds {x.numel() / 2**30:.1f} GiB, {torch.cuda.mem_get_info()[0] / 2**30:.2f} GiB free", flush=True)
+open("/tmp/blocker.ready", "w").close()
 time.sleep(300)
 PY
 BLOCKER=$!
-sleep 15
+for _ in $(seq 60); do [ -f /tmp/blocker.ready ] && break; sleep 1; done
 RUN="python3 -m spac_gguf.cli run $M/bench-target.gguf --draft $M/bench-draft.gguf -n 24 -p 'The sea'"
 echo "== 1. auto-fit"; eval "$RUN" 2>&1 | grep -vE "^\s*$" | tail -8; echo "exit ${PIPESTATUS[0]}"
 SLOTS=$(eval "$RUN -n 1" 2>&1 | sed -n 's/.*= \([0-9]*\) of [0-9]* per layer.*/\1/p' | head -1)

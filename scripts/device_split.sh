@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One device call (< 10 minutes): the CUDA build and the GPU tests (scripts/device_test.sh), then the
-# per-pass CPU/GPU split of spac at fixed shares, plain decoding (spac_ar) and K = 5 (spac), replayed
-# random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor of the call.
-#   SHARES="0.7 0.5 0.35" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
+# One device call (< 10 minutes): the CUDA build and the GPU tests (scripts/device_test.sh; SKIP_TESTS=1
+# builds only), then spac's per-pass CPU/GPU split at fixed shares, plain decoding (spac_ar) and K = 5
+# (spac), replayed random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor.
+# A share written `S:split` runs with LLAMA_MOE_HOST_SPLIT=1 (the host branch as a CPU split of the
+# pass's graph, the A/B against the eval callback's host graph). FIT=1 also runs scripts/device_fit.sh.
+#   SHARES="0.7 0.7:split 1" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
 # Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab (see scripts/device_test.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/split}
@@ -13,13 +15,17 @@ bash scripts/device_test.sh 2>&1 | tail -4
 export PYTHONPATH=/tmp/site:$PWD
 M=/tmp/spac-bench-full
 [ -f $M/bench-target.gguf ] || python3 scripts/make_bench_model.py --out $M --scale full --vocab .dev/vocab/ggml-vocab-qwen2.gguf | tail -1
+[ "${FIT:-0}" = 1 ] && { bash scripts/device_fit.sh 2>&1 | tee "$OUT/fit.txt"; }
 B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf --routing random,qwen3-calibrated --budgets 0.17 --acceptances 0.7 --repeats 2 --no-bw"
 first=1
-for sh in $SHARES; do
+for entry in $SHARES; do
+  sh=${entry%%:*}; mode=${entry#*:}; [ "$mode" = "$entry" ] && mode=""
   LEFT=$(( 570 - ($(date +%s) - T0) ))
-  [ "$LEFT" -gt 60 ] || { echo "no time left for share $sh"; break; }
-  timeout $(( LEFT - 10 )) $B --out "$OUT/split-$sh.json" --systems spac_ar,spac$([ $first = 1 ] && echo ,llama_ar_cpu) \
-      --spac-share $sh --time-limit $(( LEFT - 40 )) 2>&1 | grep -E "tps=" || echo "bench share $sh exit $?"
+  [ "$LEFT" -gt 60 ] || { echo "no time left for share $entry"; break; }
+  tag=$sh${mode:+-$mode}
+  timeout $(( LEFT - 10 )) env ${mode:+LLAMA_MOE_HOST_SPLIT=1} $B --out "$OUT/split-$tag.json" \
+      --systems spac_ar,spac$([ $first = 1 ] && echo ,llama_ar_cpu) --spac-share $sh --time-limit $(( LEFT - 40 )) 2>&1 \
+      | grep -E "tps=" | sed "s/^/[$tag] /" || echo "bench share $entry exit $?"
   first=0
 done
 echo "done in $(( $(date +%s) - T0 )) s"
