@@ -284,7 +284,7 @@ def _loads_for(cached: np.ndarray, res: np.ndarray, resident: np.ndarray, d: np.
 
 
 def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_expert: int, n_slots: int,
-                 miss_rate: float = 1.0) -> float:
+                 miss_rate: float = 1.0, prev: float | None = None, hysteresis: float = 0.15) -> float:
     """The per-pass split (the fast path that runs before every verify, in microseconds): the share
     of a layer's distinct misses the GPU uploads and computes, the rest going to the CPU meanwhile.
 
@@ -294,6 +294,10 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     cost c0, n = (c0 + m cpu) / (upload + cpu) so that both pipes finish together. 1 means no host
     branch. (Slots the pass's own hits hold cannot take a miss with a host branch: the C side caps
     the loads at the free slots, so the split only fixes the order of magnitude there.)
+
+    `prev`, the share of the last pass: a switch between all-GPU (1) and a split needs the other to be
+    `hysteresis` faster. The two run different graphs (with and without a host branch), so flipping on
+    the recent miss rate's noise rebuilds graphs and was measured slower than either fixed choice.
     """
     hw.require_complete()
     miss_rate = min(max(float(miss_rate), 0.0), 1.0)
@@ -305,4 +309,11 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     up = copy - gpu                                                       # the upload alone
     n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))
     t_split = max(n * up, hw.host_branch_s + (m - n) * cpu)
-    return 1.0 if m * up <= t_split else float(n / m)
+    if prev is None:
+        all_gpu = m * up <= t_split
+    elif prev >= 1.0:
+        all_gpu = not t_split < (1.0 - hysteresis) * m * up
+    else:
+        all_gpu = m * up < (1.0 - hysteresis) * t_split
+    # a split keeps its graph (a host branch) even while the CPU's part is empty
+    return 1.0 if all_gpu else min(float(n / m), 0.999)

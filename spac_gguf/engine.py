@@ -53,7 +53,7 @@ class Engine:
         self.inpass = inpass
         self.plan_every = max(1, int(plan_every))      # plan loads after every n-th pass (link bytes x n)
         self._passes = 0
-        self.split = split                              # (rows, miss rate) -> share, when inpass.share is None
+        self.split = split                              # (rows, miss rate, last share) -> share, when inpass.share is None
         self._sent: np.ndarray | None = None            # the priority the C side holds
         self._sent_share: float | None = None
         L = store.n_layers
@@ -80,7 +80,7 @@ class Engine:
         if self.inpass is not None:
             share = self.inpass.share
             if share is None:
-                share = self.split(rows, self.miss_rate) if self.split is not None else 1.0
+                share = self.split(rows, self.miss_rate, self._sent_share) if self.split is not None else 1.0
             pr = np.asarray(self.priority(), np.float32)
             if self._sent is None or share != self._sent_share or not np.array_equal(pr, self._sent):
                 self.store.set_inpass(share, self.inpass.max_loads, pr, self.inpass.routed_bonus)

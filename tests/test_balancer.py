@@ -151,3 +151,28 @@ def test_inpass_share_is_the_best_split(rows, miss_rate):
         assert s < 1.0
         n = s * m
         assert max(n * up, 2e-4 + (m - n) * cpu) <= best_split * (1 + 1e-3)
+
+
+def test_inpass_share_keeps_its_mode_near_the_break_even():
+    """Around the miss rate where all-GPU and a split cost the same, the share does not flip between
+    them pass by pass (each flip rebuilds graphs); a clear change of regime still switches."""
+    from spac_gguf.balancer import inpass_share
+    hw = HardwareProfile("t", link_gbps=40.0, cpu_expert_gbps=50.0, cpu_s_per_expert_token=2e-6,
+                         gpu_s_per_expert_token=1e-7, gpu_pass_s=0.005, draft_s_per_token=0.002, host_branch_s=2e-4)
+    B, k, E, S = 2_654_208, 8, 128, 21
+    rates = np.linspace(0.05, 1.0, 400)
+    fresh = [inpass_share(hw, B, 6, k, E, S, r) < 1.0 for r in rates]
+    assert fresh[0] is False and fresh[-1] is True                # both regimes exist on this range
+    edge = rates[fresh.index(True)]                               # where the memoryless rule switches
+    wobble = edge * (1 + 0.03 * np.sin(np.arange(60)))            # +-3 % around it
+    for start in (1.0, 0.5):
+        prev, modes = start, []
+        for r in wobble:
+            prev = inpass_share(hw, B, 6, k, E, S, float(r), prev)
+            modes.append(prev < 1.0)
+        assert len(set(modes)) == 1, modes                        # no flip while the rate wobbles
+    prev = 1.0
+    for r in (0.1, 1.0):                                          # far from the edge: both switches happen
+        prev = inpass_share(hw, B, 6, k, E, S, r, prev)
+        assert (prev < 1.0) == (r == 1.0)
+    assert inpass_share(hw, B, 6, k, E, S, 0.05, 0.5) == 1.0

@@ -98,11 +98,11 @@ def test_share_none_takes_the_balancers_split_per_pass():
             self.sent.append(share)
 
     store = Store(2, 8, 2, 1000, link_gbps=1.0)
-    eng = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=None), split=lambda rows, miss_rate: 1.0 if rows == 1 else 0.5)
+    eng = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=None), split=lambda rows, miss_rate, prev=None: 1.0 if rows == 1 else 0.5)
     for rows in (1, 1, 6, 6, 1):
         eng.before_verify(rows)
     assert store.sent == [1.0, 0.5, 1.0]
-    fixed = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=0.25), split=lambda rows, miss_rate: 0.5)
+    fixed = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=0.25), split=lambda rows, miss_rate, prev=None: 0.5)
     store.sent.clear()
     fixed.before_verify(6)
     assert store.sent == [0.25]
