@@ -35,6 +35,7 @@ class BackendError(RuntimeError):
 _LOG_CB = None          # keep the CFUNCTYPE alive: C holds a pointer to it
 _INITIALISED = False
 _ERRORS: list[str] | None = None    # llama.cpp's error log while a load collects it (one line for the user)
+_BUFFERS: list[str] | None = None   # its "<buffer> model buffer size" lines while a load collects them
 
 
 def _init_backend() -> None:
@@ -50,6 +51,8 @@ def _init_backend() -> None:
         # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line
         lvl = last[0] if level == 5 else level
         last[0] = lvl
+        if _BUFFERS is not None and lvl == 2 and b"model buffer size" in (text or b""):
+            _BUFFERS.append((text or b"").decode("utf-8", "replace"))
         if lvl == 4 and _ERRORS is not None and not verbose:
             _ERRORS.append((text or b"").decode("utf-8", "replace"))    # the caller words the error
         elif verbose or lvl == 4:
@@ -140,6 +143,8 @@ def ggml() -> ctypes.CDLL:
         lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
         lib.ggml_backend_dev_host_buffer_type.restype = ctypes.c_void_p
         lib.ggml_backend_dev_host_buffer_type.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_buft_name.restype = ctypes.c_char_p
+        lib.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
         _GGML = lib
     return _GGML
 
@@ -201,8 +206,8 @@ class LlamaModel:
             arr[1].buft = None
             self._overrides = arr
             params.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
-        global _ERRORS
-        _ERRORS = []
+        global _ERRORS, _BUFFERS
+        _ERRORS, _BUFFERS = [], []
         try:
             with _InterruptibleLoad() as guard:
                 params.progress_callback = guard.callback
@@ -210,6 +215,7 @@ class LlamaModel:
                 ptr = llc.llama_model_load_from_file(self.path.encode(), params)
         finally:
             errors, _ERRORS = _ERRORS, None
+            buffers, _BUFFERS = _BUFFERS, None
         if guard.interrupted:
             if ptr:
                 llc.llama_model_free(ptr)
@@ -219,12 +225,27 @@ class LlamaModel:
             raise BackendError(f"llama.cpp could not load {self.path}" + (f": {why}" if why else ""))
         for e in errors:                                 # a load that worked despite errors: show them
             os.write(2, e.encode())
+        if pinned and not vocab_only:
+            self._check_pinned(pinned, buffers)
         self.ptr = ptr
         self.vocab = llc.llama_model_get_vocab(ptr)
         self.n_vocab = llc.llama_vocab_n_tokens(self.vocab)
         self.n_layer = llc.llama_model_n_layer(ptr)
         self.n_embd = llc.llama_model_n_embd(ptr)
         self.add_bos = bool(llc.llama_vocab_get_add_bos(self.vocab))
+
+    def _check_pinned(self, buft: int, buffers: list[str]) -> None:
+        """The GPU may refuse to pin (host memory short, a locked-memory limit, GGML_CUDA_NO_PINNED):
+        llama.cpp then keeps the experts in pageable memory without a word, and every upload goes
+        through a bounce buffer at a fraction of the link. Say so once, and how to fix it."""
+        name = (ggml().ggml_backend_buft_name(buft) or b"").decode()
+        if not name or any(name in line for line in buffers):
+            return
+        self.pinned = False
+        os.write(2, ("spac-gguf: warning: the GPU could not pin the experts' host memory (llama.cpp kept them in "
+                     "pageable memory: uploads run at a fraction of the link); free host memory or raise the "
+                     "locked-memory limit (ulimit -l, or --ulimit memlock=-1 in a container); --mmap skips pinning\n"
+                     ).encode())
 
     def _check_open(self) -> None:
         if not getattr(self, "ptr", None):

@@ -142,3 +142,25 @@ def test_auto_fit_on_the_gpu(files):
     assert res["cache"]["policy"] == "spac" and res["cache"]["slots_per_layer"] == 3
     plain = subprocess.run(base + ["-ngl", "99", "--policy", "none"], capture_output=True, text=True, timeout=300)
     assert json.loads(plain.stdout)["tokens"] == res["tokens"]
+
+
+def test_pinning_refused_falls_back_with_one_warning(files):
+    """GGML_CUDA_NO_PINNED makes the GPU refuse pinned host memory (as a short host or a locked-memory
+    limit would): llama.cpp keeps the experts in pageable memory, the run says so once and stays
+    lossless against the pinned run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    target, draft = files
+    base = [sys.executable, "-m", "spac_gguf.cli", "run", str(target), "--draft", str(draft), "-n", "24", "-c", "256",
+            "-p", PROMPTS[0], "--json", "-ngl", "99", "--policy", "lru", "--cache-slots", "3", "--no-mmap"]
+    pinned = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert pinned.returncode == 0, pinned.stderr
+    assert "could not pin" not in pinned.stderr
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, GGML_CUDA_NO_PINNED="1"))
+    assert refused.returncode == 0, refused.stderr
+    assert refused.stderr.count("could not pin") == 1, refused.stderr
+    assert json.loads(refused.stdout)["tokens"] == json.loads(pinned.stdout)["tokens"]
