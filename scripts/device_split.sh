@@ -2,9 +2,9 @@
 # One device call (< 10 minutes): the CUDA build and the GPU tests (scripts/device_test.sh; SKIP_TESTS=1
 # builds only), then spac's per-pass CPU/GPU split at fixed shares, plain decoding (spac_ar) and K = 5
 # (spac), replayed random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor.
-# A share written `S:split` runs with LLAMA_MOE_HOST_SPLIT=1 (the host branch as a CPU split of the
-# pass's graph, the A/B against the eval callback's host graph). FIT=1 also runs scripts/device_fit.sh.
-#   SHARES="0.7 0.7:split 1" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
+# FIT=1 also runs scripts/device_fit.sh. A share written `S:NAME` runs with the environment variable
+# NAME=1 (an A/B switch of the patch under test; the 2026-11-30 one, LLAMA_MOE_HOST_SPLIT, is gone).
+#   SHARES="0.7 1 auto" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
 # Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab (see scripts/device_test.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/split}
@@ -23,7 +23,7 @@ for entry in $SHARES; do
   LEFT=$(( 570 - ($(date +%s) - T0) ))
   [ "$LEFT" -gt 60 ] || { echo "no time left for share $entry"; break; }
   tag=$sh${mode:+-$mode}
-  timeout $(( LEFT - 10 )) env ${mode:+LLAMA_MOE_HOST_SPLIT=1} $B --out "$OUT/split-$tag.json" \
+  timeout $(( LEFT - 10 )) env ${mode:+$mode=1} $B --out "$OUT/split-$tag.json" \
       --systems spac_ar,spac$([ $first = 1 ] && echo ,llama_ar_cpu) --spac-share $sh --time-limit $(( LEFT - 40 )) 2>&1 \
       | grep -E "tps=" | sed "s/^/[$tag] /" || echo "bench share $entry exit $?"
   first=0

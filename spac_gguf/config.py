@@ -103,6 +103,10 @@ class RunConfig:
         sys.stderr.write("spac-gguf: auto-fit (override with -ngl, --policy, --budget, --cache-slots; --cpu: no GPU)\n")
         for line in fit.lines():
             sys.stderr.write(f"  {line}\n")
+        given = [f"{flag} {v}" for flag, v in (("--policy", self.policy), ("--cache-slots", self.cache_slots),
+                                                ("--budget", self.budget)) if v is not None]
+        if given and fit.mode == "cache":                  # the plan's cache line is not what runs
+            sys.stderr.write(f"  overridden   {', '.join(given)} (instead of the plan's cache)\n")
         return kw
 
     def load(self):

@@ -6,6 +6,7 @@ high-level class hides or fixes all of these.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -73,6 +74,24 @@ def _load_error_reason(lines: list[str]) -> str:
         return ""
     reason = specific[0].split(": ", 1)[-1] if specific[0].startswith("llama_") else specific[0]
     return reason[:300]
+
+
+@contextlib.contextmanager
+def errors_worded_by_caller():
+    """llama.cpp's error lines during the block are held back (the caller raises one line of its own
+    if the call failed) and shown if it succeeded anyway, as a model load does."""
+    global _ERRORS
+    _init_backend()
+    held, _ERRORS = _ERRORS, []
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        errors, _ERRORS = _ERRORS, held
+        if ok:
+            for e in errors:
+                os.write(2, e.encode())
 
 
 class _InterruptibleLoad:

@@ -21,7 +21,7 @@ import numpy as np
 from . import gguf_layout, native
 from .draft_length import DraftLength
 from .engine import InPass
-from .llama_backend import BackendError, LlamaContext, LlamaModel, Placement
+from .llama_backend import BackendError, errors_worded_by_caller, LlamaContext, LlamaModel, Placement
 from .registry import DEFAULT_DRAFT_MAX
 from .routing import EvalCallbackRouting, RoutingSource
 from .sampling import Sampler
@@ -198,7 +198,8 @@ class ModelPair:
         if policy == "static" and calib is None:
             raise InputError("--policy static needs --calibration TRACE (record one with --trace)")
         try:
-            self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host)
+            with errors_worded_by_caller():                 # ggml's out-of-memory lines: ours says it in one
+                self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host)
         except native.NativeError as e:
             if e.code == native.ERR_ALLOC and not on_host:   # the GPU is short of memory
                 raise InputError(self._cache_too_big(cache_slots)) from None

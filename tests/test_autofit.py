@@ -74,3 +74,9 @@ def test_cli_prints_the_plan_and_stays_lossless(pair):
     assert json.loads(cpu.stdout)["tokens"] == res["tokens"]
     assert json.loads(cpu.stdout)["cache"] is None
     assert np.array_equal(json.loads(cpu.stdout)["tokens"], res["tokens"])
+    # an explicit cache size wins over the plan's, and the plan block says so
+    more = subprocess.run(args + ["--cache-slots", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert more.returncode == 0, more.stderr
+    assert json.loads(more.stdout)["cache"]["slots_per_layer"] == 2
+    assert "overridden   --cache-slots 2" in more.stderr
+    assert "overridden" not in auto.stderr

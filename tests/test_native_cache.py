@@ -52,13 +52,23 @@ def test_split_is_bit_exact_with_random_maps(model, threads):
     b = ctx.decode(toks, "all")
     assert np.array_equal(a, b)
     hits = 0
+    routing = native.NativeRouting(ctx.ptr, m.n_layer, lay.n_expert_used)
     for _ in range(64):
         t = int(np.argmax(a[-1]))
         _random_placement(cache, rng)
         hits += int(cache.mapped.sum())
         a = ref.decode([t], "all")
+        cached = np.zeros((cache.n_layers, cache.n_expert), bool)    # the maps this decode reads
+        l, s_ = np.nonzero(cache.mapped)
+        cached[l, cache.slot_expert[l, s_]] = True
+        before = cache.counters()["host_pairs"]
+        routing.begin()
         b = ctx.decode([t], "all")
+        ids = routing.end(1)[0]                                     # [layers, k]
         assert np.array_equal(a, b)
+        # the host computed exactly the routed pairs no slot serves (the counter the bench reports)
+        want = sum(int((~cached[il][ids[il]]).sum()) for il in lay.moe_layers)
+        assert cache.counters()["host_pairs"] - before == want
     assert hits > 0
     # a 20-row batch (slot branch in chunks of 8) and a 40-row one (stock path) stay exact too
     for n in (20, 40):
@@ -195,7 +205,8 @@ def test_passes_that_fit_run_all_in_slots(model, threads):
     cache = ExpertCache(ctx.ptr, n_slots=2 * k, on_host=True)
     routing = native.NativeRouting(ctx.ptr, m.n_layer, k)
     toks = m.tokenize(PROMPTS[1])
-    assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
+    assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))   # (no in-pass loads yet: a host branch)
+    host_before = cache.counters()["host_pairs"]
     rng = np.random.default_rng(7)
     for step in range(12):
         cache.sync()
@@ -213,6 +224,7 @@ def test_passes_that_fit_run_all_in_slots(model, threads):
         for il in lay.moe_layers:
             mapped = set(cache.slot_expert[il][cache.mapped[il]].tolist())
             assert set(last[:, il].ravel().tolist()) <= mapped, f"step {step} layer {il}"
+    assert cache.counters()["host_pairs"] == host_before        # no host branch ran
 
 
 def test_routing_replay_computes_the_given_experts(model, threads):
