@@ -1,0 +1,43 @@
+"""The GPU benchmark's script end to end on the CPU (small benchmark pair, a few tokens): it runs every
+kind of system (plain, cache with and without a draft), and every system does the same work, the
+point of the benchmark: the same tokens as the target alone, a measured acceptance near the set one,
+the routing labelled as replayed. Timings are not checked (performance lives in the benchmarks)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spac_gguf import native
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="needs the patched llama.cpp")
+
+
+def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path):
+    mk = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_bench_model.py"), "--out", str(tmp_path),
+                         "--scale", "small"], capture_output=True, text=True, timeout=300)
+    assert mk.returncode == 0, mk.stderr
+    out = tmp_path / "bench.json"
+    systems = ["llama_ar_cpu", "sd_lru", "spac", "spac_ar"]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"),
+                        "--target", str(tmp_path / "bench-target.gguf"), "--draft", str(tmp_path / "bench-draft.gguf"),
+                        "--systems", ",".join(systems), "--routing", "random", "--budgets", "0.17",
+                        "--acceptances", "0.7", "--repeats", "1", "-n", "20", "--no-bw", "-t", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    rows = {row["system"]: row for row in doc["results"]}
+    assert sorted(rows) == sorted(systems)
+    for name, row in rows.items():
+        assert row["output_matches_reference"] is True, name
+        assert row["routing"] == "random" and row["n_generated"] == 20, name
+    assert "replayed" in doc["method"]["routing"]["random"]
+    for name in ("sd_lru", "spac"):                                # the oracle draft, 30 % of it corrupted
+        assert rows[name]["draft_max"] == 5 and 0.6 <= rows[name]["acceptance"] <= 0.9, rows[name]["acceptance"]
+    assert rows["spac_ar"]["draft_max"] == 0 and rows["spac_ar"]["acceptance"] is None
+    assert rows["spac"]["hits"] + rows["spac"]["misses"] > 0   # the cache saw the replayed routing
