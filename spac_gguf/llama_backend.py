@@ -61,8 +61,34 @@ def _init_backend() -> None:
 
     _LOG_CB = _log
     llc.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+    _install_abort_handler()
     llc.llama_backend_init()
     _INITIALISED = True
+
+
+_ABORT_CB = None        # keep alive: ggml holds a pointer to it
+
+
+def _install_abort_handler() -> None:
+    """A failed check inside ggml (a CUDA error during a copy or a kernel, a broken invariant) ends in
+    GGML_ABORT: by default a backtrace and SIGABRT (exit 134). The process cannot go on after one (the
+    device or ggml's state is gone), so say it in one line and exit 2 instead; SPAC_LLAMA_LOG=1 keeps
+    ggml's own report."""
+    global _ABORT_CB
+    base = _sibling_lib("ggml-base")
+    if base is None or not hasattr(base, "ggml_set_abort_callback") or os.environ.get("SPAC_LLAMA_LOG") == "1":
+        return
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+    def on_abort(message):
+        text = (message or b"").decode("utf-8", "replace").replace("\n", " ").strip()
+        os.write(2, f"spac-gguf: llama.cpp stopped on an internal error: {text}\n".encode())
+        os._exit(2)
+
+    _ABORT_CB = proto(on_abort)
+    base.ggml_set_abort_callback.restype = ctypes.c_void_p
+    base.ggml_set_abort_callback.argtypes = [proto]
+    base.ggml_set_abort_callback(_ABORT_CB)
 
 
 def _load_error_reason(lines: list[str]) -> str:

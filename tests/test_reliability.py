@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -153,3 +155,15 @@ def test_trace_write_is_atomic(tmp_path, monkeypatch):
         RoutingTrace(tr.ids + 1, tr.pass_start, tr.accepted, tr.meta).save(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
+
+
+def test_an_abort_inside_ggml_is_one_line_and_exit_2():
+    """GGML_ABORT (a CUDA error during a copy, a failed internal check) used to end in a backtrace and
+    SIGABRT (exit 134): now one line and exit 2. Triggered through ggml's own abort entry point."""
+    code = ("from spac_gguf import llama_backend as lb\n"
+            "lb._init_backend()\n"
+            "lb._sibling_lib('ggml-base').ggml_abort(b'ggml-cuda.cu', 88, b'CUDA error: %s', b'an illegal memory access')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "CUDA error: an illegal memory access" in lines[0], r.stderr
