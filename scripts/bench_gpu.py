@@ -69,9 +69,8 @@ import llama_cpp  # noqa: E402
 from spac_gguf import gguf_layout, llama_backend, locality, native  # noqa: E402
 from spac_gguf.hardware import measure_cpu_stream_gbps  # noqa: E402
 from spac_gguf.engine import InPass  # noqa: E402
-from spac_gguf.pair import ModelPair  # noqa: E402
-from spac_gguf.sampling import Sampler  # noqa: E402
-from spac_gguf.speculative import Drafter, generate as spec_generate  # noqa: E402
+from spac_gguf.pair import ModelPair, PassObserver  # noqa: E402
+from spac_gguf.speculative import Drafter  # noqa: E402
 
 AR_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_ar_gpu")
 SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak")
@@ -162,58 +161,37 @@ def corruption(a: float, n: int, n_vocab: int, cont: list[int], seed: int, block
 
 
 # ---------------------------------------------------------------------------------------------
-# instrumentation (wraps instance methods of one pair; no edits to the library)
+# instrumentation (the library's PassObserver: no wrapped methods)
 # ---------------------------------------------------------------------------------------------
-class Probe:
-    """Per-run timers and routing statistics of one ModelPair."""
+class Probe(PassObserver):
+    """Per-run timers and routing statistics of one ModelPair; replays the routing trace."""
 
     def __init__(self, pair: ModelPair, gpu_layers: set[int] | None = None):
         self.pair = pair
         self.gpu_layers = gpu_layers or set()
         self.replay: np.ndarray | None = None          # [positions, layers, k] routing to replay
+        self.moe_layers = list(pair.layout.moe_layers)
         self.reset()
-        ctx = pair.target_ctx
-        dec = ctx.decode
-        moe_layers = list(pair.layout.moe_layers)
 
-        def decode(tokens, logits="last"):
-            if self.replay is not None:                # the rows' positions pick the trace's rows
-                rows = self.replay[ctx.n_past:ctx.n_past + len(tokens)]
-                for il in moe_layers:
-                    native.replay(ctx.ptr, il, rows[:, il])
-            t = time.perf_counter()
-            try:
-                return dec(tokens, logits)
-            finally:
-                self.decodes.append((len(tokens), time.perf_counter() - t))
-        ctx.decode = decode
-        ver = pair.verifier
-        verify, observe = ver.verify, ver.observe
+    def before_decode(self, n_past: int, n_rows: int, kind: str) -> None:
+        if self.replay is not None:                    # the rows' positions pick the trace's rows
+            rows = self.replay[n_past:n_past + n_rows]
+            for il in self.moe_layers:
+                native.replay(self.pair.target_ctx.ptr, il, rows[:, il])
+        if kind == "verify":
+            self.rows.append(n_rows)
 
-        def v(tokens):
-            self.rows.append(len(tokens))
-            return verify(tokens)
+    def after_decode(self, n_rows: int, seconds: float) -> None:
+        self.decodes.append((n_rows, seconds))
 
-        def o(accepted_rows):
-            ids = observe(accepted_rows)
-            if ids is not None:
-                self._routing(ids)
-            return ids
-        ver.verify, ver.observe = v, o
-        eng = pair.engine
-        if eng is not None:
-            bv, av = eng.before_verify, eng.after_verify
+    def on_routing(self, ids: np.ndarray) -> None:
+        self._routing(ids)
 
-            def b(*args):
-                t = time.perf_counter()
-                bv(*args)
-                self.engine_before_s += time.perf_counter() - t
-
-            def a(ids, acc):
-                t = time.perf_counter()
-                av(ids, acc)
-                self.engine_after_s += time.perf_counter() - t
-            eng.before_verify, eng.after_verify = b, a
+    def on_engine(self, phase: str, seconds: float) -> None:
+        if phase == "before":
+            self.engine_before_s += seconds
+        else:
+            self.engine_after_s += seconds
 
     def reset(self):
         self.decodes: list[tuple[int, float]] = []
@@ -260,11 +238,10 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
     c0 = cache_counters(pair)
     n0 = pair.cache.counters() if pair.cache is not None and native.available() else None
     out, st = [], None
-    for step in spec_generate(pair.verifier, drafter, prompt, max_tokens=n, draft_max=K,
-                              sampler=Sampler(temperature=0.0), is_eog=lambda t: False,
-                              draft_length=pair.draft_length if adaptive else None):
-        out.append(step.token)
-        st = step.stats
+    for tok in pair.generate(prompt, max_tokens=n, draft_max=K, adaptive=adaptive, stop_at_eog=False,
+                             drafter=drafter, observer=probe):
+        out.append(tok.token)
+        st = tok.stats
     c1 = cache_counters(pair)
     n1 = pair.cache.counters() if n0 is not None else None
     dec = probe.decodes[1:] if len(prompt) > 1 else probe.decodes      # first call is the prefill
@@ -300,38 +277,6 @@ def layers_for_budget(budget: float, n_moe: int) -> int:
     return max(1, min(n_moe, int(budget * n_moe + 1e-9)))
 
 
-class FakeCache:
-    """--fake-cache (plumbing test without the patch): slot bookkeeping only; decode reads no slots."""
-    layout = None
-
-    def __init__(self, ctx_ptr, n_slots, on_host=False):
-        lay = FakeCache.layout
-        self.n_layers, self.n_expert, self.n_slots = lay.n_layer, lay.n_expert, n_slots
-        self.expert_bytes = lay.bytes_per_expert
-        self.slot_bytes = n_slots * self.expert_bytes * len(lay.moe_layers)
-        self.slots = np.full((self.n_layers, n_slots), -1, np.int32)
-        self.pending: list[tuple[int, int, int]] = []
-        self.bytes_loaded = 0
-
-    def resident(self):
-        return self.slots.copy()
-
-    def load_async(self, layer, expert, slot):
-        self.slots[layer, slot] = -1
-        self.pending.append((layer, expert, slot))
-        self.bytes_loaded += self.expert_bytes
-
-    def poll(self):
-        done = [(l, s) for l, e, s in self.pending]
-        for l, e, s in self.pending:
-            self.slots[l, s] = e
-        self.pending = []
-        return done
-
-    def publish(self):
-        pass
-
-
 def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, calib_path: str | None):
     """(pair, probe, info) for one system at one budget, or raise SkipSystem."""
     kw = dict(n_gpu_layers=a.ngl, n_ctx=a.n_ctx, n_threads=a.threads, pinned_experts=a.pinned)
@@ -359,8 +304,7 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         pair = ModelPair(a.target, draft, experts_on_cpu=True, routing="auto", policy=pol,
                          budget=f"{budget * 100:g}%", hw=a.hw, draft_max=a.draft_max,
                          calibration=calib_path if pol == "static" else None,
-                         inpass=(False if a.fake_cache else
-                                 InPass(share=None if a.spac_share == "auto" else float(a.spac_share), routed_bonus=1.0)
+                         inpass=(InPass(share=None if a.spac_share == "auto" else float(a.spac_share), routed_bonus=1.0)
                                  if a.inpass and pol == "spac" else a.inpass and pol in ("lru", "spac")), **kw)
         info.update(slots_per_layer=pair.cache.n_slots, inpass=str(pair.engine.inpass),
                     budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
@@ -654,8 +598,6 @@ def main(argv=None) -> int:
     ap.add_argument("--hw", default=None, help="hardware profile for spac/the engine (default h200-pcie5 / desktop-pcie4x16)")
     ap.add_argument("--time-limit", type=float, default=420.0, help="seconds; later runs are skipped, noted in the JSON")
     ap.add_argument("--calib-tokens", type=int, default=64)
-    ap.add_argument("--fake-cache", action="store_true",
-                    help="plumbing test without the patch: cache bookkeeping only (decode reads no slots)")
     ap.add_argument("--no-bw", action="store_true", help="skip the bandwidth measurements")
     ap.add_argument("--routing", default="random,qwen3-calibrated",
                     help=f"comma list of {', '.join(ROUTINGS)} (model: no replay)")
@@ -701,11 +643,7 @@ def main(argv=None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     skipped: list[dict] = []
-    if a.fake_cache:
-        import spac_gguf.cache as _cache
-        _cache.ExpertCache = FakeCache
-    cache_ok = native.available() or a.fake_cache
-    if not cache_ok:
+    if not native.available():
         for s in [s for s in a.systems if s in CACHE_POLICY]:
             log(f"SKIP {s}: this llama.cpp build has no expert cache (spac_gguf.native.available() is False)")
             skipped.append({"system": s, "reason": "llama.cpp build without the expert-cache patch"})
@@ -716,15 +654,13 @@ def main(argv=None) -> int:
 
     lay = gguf_layout.describe(a.target)
     dlay = gguf_layout.describe(a.draft)
-    FakeCache.layout = lay
     bw = {} if a.no_bw else bandwidths_subprocess()
     log("bandwidths:", bw)
 
     doc = {
         "device": device_name(), "date": date, "host_cpu": cpu_name(), "cpu_threads": os.cpu_count(),
         "llama_cpp": getattr(llama_cpp, "__version__", "?"), "gpu_offload": gpu, "n_gpu_layers": a.ngl,
-        "expert_cache": ("fake (bookkeeping only; decode reads no slots)" if a.fake_cache and not native.available()
-                         else ("patched" if native.available() else "absent")),
+        "expert_cache": "patched" if native.available() else "absent",
         "model": {
             "target": Path(a.target).name, "target_bytes": lay.file_size, "arch": lay.architecture,
             "n_layer": lay.n_layer, "n_expert": lay.n_expert, "k": lay.n_expert_used, "n_embd": lay.n_embd,

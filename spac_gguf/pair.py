@@ -25,7 +25,7 @@ from .llama_backend import BackendError, errors_worded_by_caller, LlamaContext, 
 from .registry import DEFAULT_DRAFT_MAX
 from .routing import EvalCallbackRouting, RoutingSource
 from .sampling import Sampler
-from .speculative import ContextSide, Drafter, Stats, generate as speculative_generate
+from .speculative import ContextSide, Drafter, DrafterLike, Stats, generate as speculative_generate
 from .trace import RoutingTrace, TraceRecorder
 
 
@@ -42,6 +42,24 @@ class Token:
     routing: np.ndarray | None   # int32 [rows, layers, k] of the target pass that produced it
 
 
+class PassObserver:
+    """What a caller may watch (or steer, as the benchmark's routing replay does) around the target's
+    passes of one generate() call, without wrapping the pair's objects. Every method is a no-op here;
+    override the ones you need."""
+
+    def before_decode(self, n_past: int, n_rows: int, kind: str) -> None:
+        """The target is about to decode n_rows rows at positions n_past.. ("prefill" or "verify")."""
+
+    def after_decode(self, n_rows: int, seconds: float) -> None:
+        """That decode took `seconds` (llama_decode and copying its logits out)."""
+
+    def on_routing(self, ids: np.ndarray) -> None:
+        """A verify pass's routing, int32 [rows, layers, k] (-1: no MoE layer)."""
+
+    def on_engine(self, phase: str, seconds: float) -> None:
+        """Time the expert engine took "before" a verify (publish, in-pass policy) or "after" it (plan)."""
+
+
 class TargetVerifier(ContextSide):
     """Target decodes with routing capture; forwards each pass to the engine and the trace."""
 
@@ -50,15 +68,34 @@ class TargetVerifier(ContextSide):
         self.routing = routing
         self.engine = engine
         self.recorder: TraceRecorder | None = None
+        self.observer: PassObserver | None = None
         self.routing_seconds = 0.0
         self._ids = None
 
+    def _decode(self, tokens: list[int], logits: str, kind: str) -> np.ndarray:
+        obs = self.observer
+        if obs is None:
+            return self.ctx.decode(tokens, logits)
+        obs.before_decode(self.ctx.n_past, len(tokens), kind)
+        t = time.perf_counter()
+        try:
+            return self.ctx.decode(tokens, logits)
+        finally:
+            obs.after_decode(len(tokens), time.perf_counter() - t)
+
+    def prefill(self, tokens: list[int]) -> None:
+        if tokens:
+            self._decode(tokens, "last", "prefill")
+
     def verify(self, tokens: list[int]) -> np.ndarray:
         if self.engine is not None:
+            t = time.perf_counter()
             self.engine.before_verify(len(tokens))
+            if self.observer is not None:
+                self.observer.on_engine("before", time.perf_counter() - t)
         if self.routing is not None:
             self.routing.begin()
-        logits = self.ctx.decode(tokens, "all")
+        logits = self._decode(tokens, "all", "verify")
         if self.routing is not None:
             t = time.perf_counter()
             self._ids = self.routing.end(len(tokens))
@@ -69,9 +106,14 @@ class TargetVerifier(ContextSide):
         ids, self._ids = self._ids, None
         if ids is not None:
             if self.engine is not None:
+                t = time.perf_counter()
                 self.engine.after_verify(ids, accepted_rows)
+                if self.observer is not None:
+                    self.observer.on_engine("after", time.perf_counter() - t)
             if self.recorder is not None:
                 self.recorder.add_pass(ids, accepted_rows)
+            if self.observer is not None:
+                self.observer.on_routing(ids)
         return ids
 
 
@@ -248,11 +290,14 @@ class ModelPair:
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, draft_max: int = DEFAULT_DRAFT_MAX, adaptive: bool = True,
-                 recorder: TraceRecorder | None = None, stop_at_eog: bool = True) -> Iterator[Token]:
+                 recorder: TraceRecorder | None = None, stop_at_eog: bool = True, drafter: DrafterLike | None = None,
+                 observer: PassObserver | None = None) -> Iterator[Token]:
         """Generate up to `max_tokens` after `prompt`, yielding one Token at a time.
 
         With a draft, K is chosen each round in 0..draft_max for speed (`adaptive`, draft_length.py);
-        `adaptive=False` drafts draft_max every round."""
+        `adaptive=False` drafts draft_max every round. `drafter` replaces the draft model's own
+        proposals (it decodes on `draft_ctx`; the benchmark's oracle draft is one); `observer` watches
+        the target's passes (PassObserver)."""
         self._check_open()
         if max_tokens < 1:
             raise InputError("max_tokens (-n) must be >= 1")
@@ -271,16 +316,19 @@ class ModelPair:
             if self.engine is not None and self._profile is not None:
                 # the call's K decides what the link may move while the draft runs (not the constructor's)
                 self.engine.link_bytes = self._profile.link_bytes_during_draft(max(draft_max, 1))
+            self.verifier.observer = observer
             yield from self._generate(prompt, max_tokens, temperature, top_p, seed, draft_max, adaptive, recorder,
-                                      stop_at_eog)
+                                      stop_at_eog, drafter)
         finally:
+            self.verifier.observer = None
             self._busy.release()
 
     def _check_open(self) -> None:
         if self._closed:
             raise BackendError("this ModelPair is closed")
 
-    def _generate(self, prompt, max_tokens, temperature, top_p, seed, draft_max, adaptive, recorder, stop_at_eog):
+    def _generate(self, prompt, max_tokens, temperature, top_p, seed, draft_max, adaptive, recorder, stop_at_eog,
+                  custom_drafter):
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise InputError("the prompt tokenizes to nothing")
@@ -290,7 +338,7 @@ class ModelPair:
         drafter = None
         if self.draft_ctx is not None and draft_max > 0:
             self.draft_ctx.reset()
-            drafter = Drafter(self.draft_ctx)
+            drafter = custom_drafter or Drafter(self.draft_ctx)
         self.verifier.recorder = recorder
         sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
