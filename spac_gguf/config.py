@@ -103,6 +103,12 @@ class RunConfig:
         sys.stderr.write("spac-gguf: auto-fit (override with -ngl, --policy, --budget, --cache-slots; --cpu: no GPU)\n")
         for line in fit.lines():
             sys.stderr.write(f"  {line}\n")
+        if fit.mode == "cache" and self.hw is None:      # the balancer's costs: this machine's, measured once
+            from .hardware import machine_profile
+            from .registry import cache_dir
+            path, measured = machine_profile(dev.name, dev.total, cache_dir())
+            kw["hw"] = str(path)
+            sys.stderr.write(f"  profile      {'measured now' if measured else 'measured before'}, {path} (--hw overrides)\n")
         given = [f"{flag} {v}" for flag, v in (("--policy", self.policy), ("--cache-slots", self.cache_slots),
                                                 ("--budget", self.budget)) if v is not None]
         if given and fit.mode == "cache":                  # the plan's cache line is not what runs
@@ -114,10 +120,11 @@ class RunConfig:
         from .pair import load
         self.validate()
         target, draft, K = self.models()
-        p = load(target, draft, n_ctx=self.n_ctx, n_threads=self.threads, budget=self.budget, hw=self.hw,
+        place = self.placement(target, draft)
+        place.setdefault("hw", self.hw)
+        p = load(target, draft, n_ctx=self.n_ctx, n_threads=self.threads, budget=self.budget,
                  calibration=self.calibration, draft_max=K, slots_on_host=True if self.slots_on_host else None,
-                 pinned_experts=self.pinned_experts, inpass=self.inpass,
-                 **self.placement(target, draft))
+                 pinned_experts=self.pinned_experts, inpass=self.inpass, **place)
         return p, target, draft, K
 
 

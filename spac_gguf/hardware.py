@@ -129,15 +129,20 @@ def load_profile(name_or_path: str, models_toml: str | Path | None = None) -> Ha
     raise ValueError(f"unknown hardware profile {name_or_path!r}; known: {sorted(set(BUILTIN) | set(tables))}")
 
 
-def measure_cpu_stream_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Best-of-n read bandwidth of a large float32 reduction: the CPU expert path's ceiling."""
+def measure_cpu_stream_gbps(nbytes: int = 256 << 20, repeats: int = 5, threads: int | None = None) -> float:
+    """Best-of-n read bandwidth of a large float32 reduction over `threads` threads (default: every
+    core, as llama.cpp's CPU expert path runs): that path's ceiling. numpy releases the GIL in sum()."""
+    from concurrent.futures import ThreadPoolExecutor
+    n = max(1, threads or os.cpu_count() or 1)
     a = np.ones(nbytes // 4, np.float32)
-    a.sum()
+    parts = np.array_split(a, n)
     best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(np.sum, parts))
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t)
     return a.nbytes / best / 1e9
 
 
@@ -159,3 +164,48 @@ def calibrate(name: str | None = None, base: str | HardwareProfile | None = None
         draft_s_per_token=b.draft_s_per_token if b else None,
         host_branch_s=b.host_branch_s if b else HardwareProfile.host_branch_s,
     )
+
+
+def closest_profile(device_name: str) -> str:
+    """The named profile whose GPU and link a device is most like (its GPU fields seed a calibration)."""
+    d = device_name.upper()
+    if "H200" in d or "H100" in d or "GH200" in d:
+        return "h200-pcie5" if "H200" in d else "h100-pcie5"
+    if any(m in d for m in ("LAPTOP", "MOBILE", "ORIN", "MAX-Q")):
+        return "laptop-pcie4x8"
+    return "desktop-pcie4x16"
+
+
+def _machine_key(device_name: str, device_total: int) -> str:
+    """What would change the profile: the GPU (name, memory), its driver, the CPU model and core count."""
+    import hashlib
+    import platform
+    parts = [device_name, str(device_total), platform.machine(), str(os.cpu_count())]
+    for path in ("/proc/driver/nvidia/version", "/proc/cpuinfo"):
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        line = next((ln for ln in text.splitlines() if ln.startswith(("NVRM", "model name"))), "")
+        parts.append(line)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def machine_profile(device_name: str, device_total: int, cache_dir: Path) -> tuple[Path, bool]:
+    """This machine's profile as a TOML file: calibrated (seconds) on top of the closest named profile
+    the first time, then read from `cache_dir/hw/<key>.toml`; a new GPU, driver or CPU is a new key,
+    so it is measured again. Returns (path, whether it was measured now)."""
+    path = Path(cache_dir) / "hw" / f"{_machine_key(device_name, device_total)}.toml"
+    if path.is_file():
+        try:
+            load_profile(str(path))
+            return path, False
+        except (ValueError, OSError, tomllib.TOMLDecodeError):
+            pass                                         # unreadable: measure again
+    base = closest_profile(device_name)
+    prof = calibrate(name=f"{base}-calibrated", base=base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"# {device_name}: {base} with this machine's CPU streaming measured\n" + prof.to_toml())
+    tmp.replace(path)
+    return path, True

@@ -80,3 +80,39 @@ def test_cli_prints_the_plan_and_stays_lossless(pair):
     assert json.loads(more.stdout)["cache"]["slots_per_layer"] == 2
     assert "overridden   --cache-slots 2" in more.stderr
     assert "overridden" not in auto.stderr
+
+
+def test_auto_fit_measures_the_machine_profile_once(pair, tmp_path):
+    """The balancer's costs under auto-fit are this machine's: the first run measures the CPU on top of
+    the closest named profile and caches it under the user cache; later runs read it; another device
+    (here: another total memory) is measured anew; --hw overrides."""
+    from spac_gguf.hardware import load_profile
+    t, d = pair
+    lay = gguf_layout.describe(t)
+    kv = autofit.kv_bytes(t, 256) + autofit.kv_bytes(d, 256)
+    base = autofit.plan_for(lay, draft_bytes=os.path.getsize(d), kv=kv, free=0)
+    fixed = base.dense + base.draft + base.kv + base.compute + 512 * MiB
+    free_mib = (fixed + 4.5 * len(lay.moe_layers) * lay.bytes_per_expert) / MiB
+    args = [sys.executable, "-m", "spac_gguf.cli", "run", str(t), "--draft", str(d), "-n", "4", "-c", "256",
+            "-t", "2", "-p", "Hello there", "--json"]
+
+    def run(mib, *extra):
+        env = dict(os.environ, SPAC_TEST_GPU_FREE_MIB=f"{mib:.3f}", XDG_CACHE_HOME=str(tmp_path))
+        r = subprocess.run(args + list(extra), capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    hw_dir = tmp_path / "spac-gguf" / "hw"
+    first = run(free_mib)
+    assert "profile      measured now" in first
+    files = list(hw_dir.glob("*.toml"))
+    assert len(files) == 1
+    prof = load_profile(str(files[0]))
+    assert prof.cpu_expert_gbps > 0 and prof.link_gbps == load_profile("desktop-pcie4x16").link_gbps
+    stamp = files[0].stat().st_mtime_ns
+    assert "profile      measured before" in run(free_mib)
+    assert files[0].stat().st_mtime_ns == stamp
+    other = (fixed + 3.5 * len(lay.moe_layers) * lay.bytes_per_expert) / MiB    # another device: 2 slots
+    assert "profile      measured now" in run(other)
+    assert len(list(hw_dir.glob("*.toml"))) == 2
+    assert "profile " not in run(free_mib, "--hw", "h200-pcie5")
