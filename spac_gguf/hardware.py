@@ -146,14 +146,21 @@ def measure_cpu_stream_gbps(nbytes: int = 256 << 20, repeats: int = 5, threads: 
     return a.nbytes / best / 1e9
 
 
+# llama.cpp's CPU expert path (quantised matrix-vector products over every core) reads expert bytes at
+# about 0.61 of what a plain streaming reduction reaches: 45 vs 73.6 GB/s on the H200 host (models.toml
+# [hw.h200-pcie5], DESIGN.md §10). Calibration scales its streaming measurement by it.
+EXPERT_PATH_EFFICIENCY = 0.61
+
+
 def calibrate(name: str | None = None, base: str | HardwareProfile | None = None) -> HardwareProfile:
-    """Measure what this machine tells without a GPU (CPU streaming); GPU fields from `base` or None.
+    """Measure what this machine tells without a GPU (CPU streaming, scaled to the expert path); GPU
+    fields from `base` or None.
 
     The CPU per-row compute is left at the base's value (0 without one): at verify batch sizes the
     CPU expert path is bandwidth-bound, so streaming dominates.
     """
     b = load_profile(base) if isinstance(base, str) else base
-    gbps = measure_cpu_stream_gbps()
+    gbps = measure_cpu_stream_gbps() * EXPERT_PATH_EFFICIENCY
     return HardwareProfile(
         name=name or f"calibrated-{os.uname().nodename}",
         link_gbps=b.link_gbps if b else None,
