@@ -63,6 +63,21 @@ def kv_bytes(path: str | Path, n_ctx: int) -> int:
     return n_layer * n_ctx * n_head_kv * (k_len + v_len) * 2
 
 
+def compute_bytes(path: str | Path, n_ctx: int, n_ubatch: int = 512, out_rows: int = 32) -> int:
+    """GPU compute buffer of one context, as llama.cpp sizes it for our passes: a fixed part, one
+    layer's attention scores (F32, n_head x n_ctx x the ubatch's rows) and the logits of a verify pass.
+    Checked on the H200 (docs/BENCHMARKS.md, auto-fit on real free memory): the 18 GB pair at -c 2048
+    used 2.88 GiB for weights, KV and compute together, and the cache this estimate allows (65 slots per
+    layer from 12 GiB free) ran; the previous flat 768 MiB + logits of 512 rows over-reserved 0.9 GiB."""
+    h = gguf_layout.read_gguf(path, strings=False)
+    arch = h.get("general.architecture")
+    n_head = h.get(f"{arch}.attention.head_count", 0) or 0
+    n_head = int(max(n_head) if isinstance(n_head, list) else n_head)
+    tokens = h.get("tokenizer.ggml.tokens")
+    vocab = int(h.get(f"{arch}.vocab_size", 0) or (len(tokens) if tokens is not None else 32000))
+    return 128 * MiB + n_head * n_ctx * min(n_ubatch, n_ctx) * 4 + vocab * 4 * out_rows
+
+
 @dataclass(frozen=True)
 class Fit:
     mode: str                    # "gpu": everything on the GPU; "cache": experts on the host + a GPU cache;
@@ -116,7 +131,8 @@ def plan(*, dense: int, experts: int, bytes_per_expert: int, n_moe_layers: int, 
     return Fit(mode="cache", cache=int(slots * per_slot_row), slots_per_layer=int(slots), **common)
 
 
-def plan_for(layout: gguf_layout.ModelLayout, *, draft_bytes: int, kv: int, free: int, device: str = "GPU") -> Fit:
+def plan_for(layout: gguf_layout.ModelLayout, *, draft_bytes: int, kv: int, free: int, device: str = "GPU",
+             compute: int | None = None) -> Fit:
     return plan(dense=layout.dense_bytes, experts=layout.expert_bytes, bytes_per_expert=layout.bytes_per_expert,
                 n_moe_layers=len(layout.moe_layers), n_expert=layout.n_expert, vocab=layout.vocab_size or 32000,
-                draft_bytes=draft_bytes, kv=kv, free=free, device=device)
+                draft_bytes=draft_bytes, kv=kv, free=free, device=device, compute=compute)

@@ -91,7 +91,9 @@ class RunConfig:
             return kw
         lay = gguf_layout.describe(target)
         kv = autofit.kv_bytes(target, self.n_ctx) + (autofit.kv_bytes(draft, self.n_ctx) if draft else 0)
-        fit = autofit.plan_for(lay, draft_bytes=Path(draft).stat().st_size if draft else 0, kv=kv, free=dev.free,
+        compute = autofit.compute_bytes(target, self.n_ctx) + (autofit.compute_bytes(draft, self.n_ctx) if draft else 0)
+        fit = autofit.plan_for(lay, draft_bytes=Path(draft).stat().st_size if draft else 0, kv=kv, compute=compute,
+                               free=dev.free,
                                device=dev.name)
         kw["n_gpu_layers"] = 99
         if fit.mode == "gpu":

@@ -58,7 +58,8 @@ def test_cli_prints_the_plan_and_stays_lossless(pair):
     t, d = pair
     lay = gguf_layout.describe(t)
     kv = autofit.kv_bytes(t, 256) + autofit.kv_bytes(d, 256)
-    base = autofit.plan_for(lay, draft_bytes=os.path.getsize(d), kv=kv, free=0)
+    compute = autofit.compute_bytes(t, 256) + autofit.compute_bytes(d, 256)
+    base = autofit.plan_for(lay, draft_bytes=os.path.getsize(d), kv=kv, compute=compute, free=0)
     fixed = base.dense + base.draft + base.kv + base.compute + 512 * MiB
     free_mib = (fixed + 4.5 * len(lay.moe_layers) * lay.bytes_per_expert) / MiB   # room for 3 slots + the zero slot
     args = [sys.executable, "-m", "spac_gguf.cli", "run", str(t), "--draft", str(d), "-n", "12", "-c", "256",
@@ -90,7 +91,8 @@ def test_auto_fit_measures_the_machine_profile_once(pair, tmp_path):
     t, d = pair
     lay = gguf_layout.describe(t)
     kv = autofit.kv_bytes(t, 256) + autofit.kv_bytes(d, 256)
-    base = autofit.plan_for(lay, draft_bytes=os.path.getsize(d), kv=kv, free=0)
+    compute = autofit.compute_bytes(t, 256) + autofit.compute_bytes(d, 256)
+    base = autofit.plan_for(lay, draft_bytes=os.path.getsize(d), kv=kv, compute=compute, free=0)
     fixed = base.dense + base.draft + base.kv + base.compute + 512 * MiB
     free_mib = (fixed + 4.5 * len(lay.moe_layers) * lay.bytes_per_expert) / MiB
     args = [sys.executable, "-m", "spac_gguf.cli", "run", str(t), "--draft", str(d), "-n", "4", "-c", "256",
@@ -116,3 +118,14 @@ def test_auto_fit_measures_the_machine_profile_once(pair, tmp_path):
     assert "profile      measured now" in run(other)
     assert len(list(hw_dir.glob("*.toml"))) == 2
     assert "profile " not in run(free_mib, "--hw", "h200-pcie5")
+
+
+def test_compute_estimate_grows_with_the_context(pair):
+    """The attention scores of a ubatch grow with -c: a long context reserves more (the old flat
+    estimate did not), a short one less than the old 768 MiB + 512 rows of logits."""
+    t, _ = pair
+    small, large = autofit.compute_bytes(t, 256), autofit.compute_bytes(t, 32768)
+    r = gguf.GGUFReader(str(t))                                  # an independent reader
+    n_head = int(r.fields["qwen3moe.attention.head_count"].parts[-1][0])
+    assert large - small == n_head * (32768 * 512 - 256 * 256) * 4
+    assert small < 768 * MiB
