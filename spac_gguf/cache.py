@@ -84,6 +84,11 @@ class ExpertCache:
         self.bytes_loaded += self.expert_bytes
         self.loads += 1
 
+    def loading(self) -> dict[tuple[int, int], int]:
+        """(layer, slot) -> expert of every load in flight (from the ledger as last read or changed)."""
+        l, s = np.nonzero(self.state == LOADING)
+        return {(int(a), int(b)): int(self.slot_expert[a, b]) for a, b in zip(l, s)}
+
     def poll(self) -> list[tuple[int, int]]:
         done = []
         for ticket, (layer, slot) in list(self._tickets.items()):

@@ -42,6 +42,7 @@ class SlotStore(Protocol):
     def resident(self) -> np.ndarray: ...       # int32 [n_layers, n_slots]: complete slots, -1 empty
     def load_async(self, layer: int, expert: int, slot: int) -> None: ...
     def poll(self) -> list[tuple[int, int]]: ...  # (layer, slot) loads completed since the last poll
+    def loading(self) -> dict[tuple[int, int], int]: ...  # (layer, slot) -> expert whose load is in flight
     def publish(self) -> None: ...               # maps from completed slots; only between decodes
 
 
@@ -57,7 +58,6 @@ class Engine:
         self._sent: np.ndarray | None = None            # the priority the C side holds
         self._sent_share: float | None = None
         L = store.n_layers
-        self.inflight: dict[tuple[int, int], int] = {}        # (layer, slot) -> expert arriving
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
         self.hits = self.misses = self.bytes_loaded = 0
         self.miss_rate = 1.0                            # a cold cache misses everything
@@ -70,8 +70,7 @@ class Engine:
 
     def before_verify(self, rows: int = 1) -> None:
         self._sync()
-        for key in self.store.poll():
-            self.inflight.pop(key, None)
+        self.store.poll()
         self.store.publish()
         res = self.store.resident()
         self.live[:] = False
@@ -107,18 +106,19 @@ class Engine:
             return
 
         view = self.store.resident().copy()
-        for (ll, s), e in self.inflight.items():
+        loading = self.store.loading()                  # the store's ledger is the one truth
+        for (ll, s), e in loading.items():
             view[ll, s] = e
-        link_left = self.link_bytes * self.plan_every - len(self.inflight) * self.store.expert_bytes
+        link_left = self.link_bytes * self.plan_every - len(loading) * self.store.expert_bytes
         t = time.perf_counter()
         loads = self.policy.plan(view, max(0, link_left))
         self.solve_s.append(time.perf_counter() - t)
         B = self.store.expert_bytes
         for ll, e, s in loads:
-            if link_left < B or (ll, s) in self.inflight or (view[ll] == e).any():
+            if link_left < B or (ll, s) in loading or (view[ll] == e).any():
                 continue                                    # over the link's bytes, slot busy, or already there
             self.store.load_async(ll, e, s)
-            self.inflight[(ll, s)] = e
+            loading[(ll, s)] = e
             view[ll, s] = e
             link_left -= B
             self.bytes_loaded += B
@@ -165,6 +165,9 @@ class SimulatedSlotStore:
         extra = self.rng.uniform(0.0, self.jitter_s) if self.jitter_s else 0.0
         self.pending[(layer, slot)] = (self.link_free + extra, expert)
         self.slots[layer, slot] = -1                                 # overwritten from now on
+
+    def loading(self) -> dict[tuple[int, int], int]:
+        return {key: e for key, (_, e) in self.pending.items()}
 
     def poll(self) -> list[tuple[int, int]]:
         done = [key for key, (t, _) in self.pending.items() if t <= self.now]

@@ -77,6 +77,23 @@ def test_split_is_bit_exact_with_random_maps(model, threads):
         assert np.array_equal(ref.decode(chunk, "all"), ctx.decode(chunk, "all"))
 
 
+def test_loads_in_flight_come_from_the_ledger(model):
+    """The engine plans around loads in flight from the store's ledger (no mirror of its own): issued
+    and not yet completed, they are exactly what loading() reports, and nothing after they land."""
+    m, lay = model
+    ctx = LlamaContext(m, n_ctx=64, n_threads=1)
+    cache = ExpertCache(ctx.ptr, n_slots=2, on_host=True)
+    a, b = lay.moe_layers[0], lay.moe_layers[-1]
+    issued = {(a, 0): 3, (b, 1): 1}
+    for (il, slot), expert in issued.items():
+        cache.load_async(il, expert, slot)
+    assert cache.loading() == issued
+    cache.wait_all()
+    assert cache.loading() == {}
+    cache.sync()
+    assert cache.loading() == {} and cache.resident()[a, 0] == 3 and cache.resident()[b, 1] == 1
+
+
 def test_slot_bytes_equal_file_bytes(model):
     m, lay = model
     ctx = LlamaContext(m, n_ctx=64, n_threads=1)
