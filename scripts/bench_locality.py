@@ -76,7 +76,7 @@ def main() -> None:
         try:
             S = slots_per_layer(tr, "17%", None)
             look[name] = dict(slots=S, **lookahead(tr, S))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - one trace without lookahead must not stop the table
             print(f"{name} lookahead: {e}", file=sys.stderr)
     elapsed = time.perf_counter() - t0
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

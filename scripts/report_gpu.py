@@ -118,7 +118,7 @@ def plot(doc, png: Path) -> str | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception as e:                             # noqa: BLE001
+    except Exception as e:                             # noqa: BLE001 - a plot is optional; any import failure skips it
         return f"plot skipped: matplotlib not importable ({type(e).__name__})"
     res = doc["results"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
