@@ -107,6 +107,15 @@ class ExpertCache:
             self._set_map(layer)
         self._dirty.clear()
 
+    def free(self) -> None:
+        """Give the slots back (GPU memory); the context decodes as without a cache. A new
+        ExpertCache may follow on the same context (another size)."""
+        native.check("cache_free", native.api.cache_free(self.ctx))
+        self.state[:] = EMPTY
+        self.slot_expert[:] = -1
+        self._tickets.clear()
+        self._dirty.clear()
+
     # --- helpers -------------------------------------------------------------------------------
     def wait_all(self) -> None:
         for ticket in list(self._tickets):

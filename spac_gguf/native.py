@@ -10,7 +10,7 @@ import numpy as np
 import llama_cpp.llama_cpp as llc
 
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
-API_VERSION = 2  # LLAMA_MOE_API_VERSION this package was written against
+API_VERSION = 3  # LLAMA_MOE_API_VERSION this package was written against
 SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_MAPPED = 0, 1, 2, 3   # llama_moe_slot_state
 ERR_ALLOC = -8                                                   # LLAMA_MOE_ERR_ALLOC
 
@@ -40,6 +40,7 @@ _SIGS = {
     "llama_moe_get_layer_info": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(LayerInfo)], ctypes.c_int32),
     "llama_moe_cache_init": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_bool], ctypes.c_int32),
     "llama_moe_cache_bytes": ([ctypes.c_void_p], ctypes.c_uint64),
+    "llama_moe_cache_free": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_moe_cache_load": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int64),
     "llama_moe_cache_poll": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int32),
     "llama_moe_cache_wait": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int32),
@@ -100,9 +101,9 @@ def counters(ctx_ptr) -> dict:
     """In-pass and asynchronous loads since cache_init (count, bytes), and (row, expert) pairs the host
     computed."""
     out = (ctypes.c_uint64 * 5)()
-    n = check("cache_counters", api.cache_counters(ctx_ptr, out, 5))
+    check("cache_counters", api.cache_counters(ctx_ptr, out, 5))
     return {"inpass_loads": int(out[0]), "inpass_bytes": int(out[1]),
-            "async_loads": int(out[2]), "async_bytes": int(out[3]), "host_pairs": int(out[4]) if n >= 5 else 0}
+            "async_loads": int(out[2]), "async_bytes": int(out[3]), "host_pairs": int(out[4])}
 
 
 def replay(ctx_ptr, il: int, ids: np.ndarray | None) -> None:

@@ -77,6 +77,32 @@ def test_split_is_bit_exact_with_random_maps(model, threads):
         assert np.array_equal(ref.decode(chunk, "all"), ctx.decode(chunk, "all"))
 
 
+def test_cache_free_and_init_again_stay_exact(model, threads):
+    """llama_moe_cache_free gives the slots back and the context decodes exactly as without a cache;
+    a cache of another size can follow; freeing twice is refused."""
+    m, lay = model
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    rng = np.random.default_rng(3)
+    toks = m.tokenize(PROMPTS[0])
+    assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
+    for n_slots in (3, 5):
+        cache = ExpertCache(ctx.ptr, n_slots=n_slots, on_host=True)
+        assert cache.slot_bytes > 0 and native.api.cache_bytes(ctx.ptr) == cache.slot_bytes
+        for _ in range(4):
+            _random_placement(cache, rng)
+            t = [int(x) for x in rng.integers(100, 1000, size=3)]
+            assert np.array_equal(ref.decode(t, "all"), ctx.decode(t, "all"))
+        assert cache.counters()["host_pairs"] > 0
+        cache.free()
+        assert native.api.cache_bytes(ctx.ptr) == 0
+        assert cache.counters()["host_pairs"] == 0                   # counters restart with the next cache
+        t = [int(x) for x in rng.integers(100, 1000, size=3)]
+        assert np.array_equal(ref.decode(t, "all"), ctx.decode(t, "all"))
+        with pytest.raises(native.NativeError, match="no expert cache"):
+            cache.free()
+
+
 def test_loads_in_flight_come_from_the_ledger(model):
     """The engine plans around loads in flight from the store's ledger (no mirror of its own): issued
     and not yet completed, they are exactly what loading() reports, and nothing after they land."""
