@@ -58,6 +58,31 @@ def test_logits_close_to_stock_cuda(files):
     assert rel < 1e-3, rel
 
 
+def test_cache_free_gives_gpu_memory_back_and_stays_close(files):
+    """llama_moe_cache_free on CUDA: the device memory comes back, the context decodes as the stock
+    path does, and a larger cache can follow."""
+    from spac_gguf import autofit
+    target, _ = files
+    m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True))
+    ref = LlamaContext(m, n_ctx=128)
+    ctx = LlamaContext(m, n_ctx=128)
+    toks = m.tokenize(PROMPTS[1])
+    a = ref.decode(toks, "all")
+    ctx.decode(toks, "all")
+    free0 = autofit.device_memory().free
+    for n_slots in (2, 6):
+        cache = ExpertCache(ctx.ptr, n_slots=n_slots, on_host=False)
+        assert autofit.device_memory().free <= free0 - cache.slot_bytes + (64 << 20)
+        t = int(np.argmax(a[-1]))
+        a, b = ref.decode([t], "all"), ctx.decode([t], "all")
+        assert np.abs(a - b).max() / np.abs(a).max() < 1e-3
+        cache.free()
+        assert autofit.device_memory().free >= free0 - (64 << 20)
+        t = int(np.argmax(a[-1]))
+        a, b = ref.decode([t], "all"), ctx.decode([t], "all")
+        assert np.abs(a - b).max() / np.abs(a).max() < 1e-3
+
+
 def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files):
     """Pinned host experts, in-pass loads every pass (half the misses, random priorities): the logits
     are as close to the stock CPU-expert path as the stock all-GPU path is (the GPU's expert kernels
