@@ -180,12 +180,20 @@ class Probe(PassObserver):
                 native.replay(self.pair.target_ctx.ptr, il, rows[:, il])
         if kind == "verify":
             self.rows.append(n_rows)
+            self._verify_at = n_past
 
     def after_decode(self, n_rows: int, seconds: float) -> None:
         self.decodes.append((n_rows, seconds))
 
     def on_routing(self, ids: np.ndarray) -> None:
         self._routing(ids)
+        if self.replay is not None and self._verify_at is not None:
+            # the routing the pass really used must be the trace's rows (a self-check of the replay)
+            want = self.replay[self._verify_at:self._verify_at + len(ids)]
+            ml = self.moe_layers
+            same = (ids[:len(want)][:, ml] == want[:, ml]).all(axis=(1, 2))
+            self.replay_checked += int(len(same))
+            self.replay_mismatched += int((~same).sum())
 
     def on_engine(self, phase: str, seconds: float) -> None:
         if phase == "before":
@@ -194,6 +202,8 @@ class Probe(PassObserver):
             self.engine_after_s += seconds
 
     def reset(self):
+        self._verify_at: int | None = None
+        self.replay_checked = self.replay_mismatched = 0   # verify rows compared with the trace
         self.decodes: list[tuple[int, float]] = []
         self.rows: list[int] = []
         self.unique: list[int] = []
@@ -257,6 +267,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "inpass_loads": (n1["inpass_loads"] - n0["inpass_loads"]) if n0 else 0,
         "inpass_bytes": (n1["inpass_bytes"] - n0["inpass_bytes"]) if n0 else 0,
         "routing_seen": bool(probe.unique),
+        "replay_rows_checked": probe.replay_checked, "replay_rows_mismatched": probe.replay_mismatched,
         "breakdown": {
             "total_s": gen_s, "draft_s": st.t_draft, "verify_s": st.t_verify,
             "target_decode_s": float(sum(t for _, t in dec)),
@@ -343,7 +354,7 @@ def measure_bandwidths(mb_per_worker: int = 128, reps: int = 5) -> dict:
     out: dict = {}
     nt = os.cpu_count() or 1
     nbytes = mb_per_worker << 20
-    out["dram_read_gbps_1thread"] = measure_cpu_stream_gbps(nbytes, reps)
+    out["dram_read_gbps_1thread"] = measure_cpu_stream_gbps(nbytes, reps, threads=1)
     ctx = mp.get_context("fork")
     barrier, q = ctx.Barrier(nt), ctx.Queue()
     procs = [ctx.Process(target=_dram_worker, args=(nbytes, barrier, q, reps)) for _ in range(nt)]
@@ -571,6 +582,8 @@ def aggregate(runs: list[dict]) -> dict:
     agg["k_histogram"] = dict(sorted(hist.items()))
     agg["output_matches_reference"] = all(r["matches_reference"] for r in runs)
     agg["routing_seen"] = all(r["routing_seen"] for r in runs)
+    agg["replay_rows_checked"] = sum(r["replay_rows_checked"] for r in runs)
+    agg["replay_rows_mismatched"] = sum(r["replay_rows_mismatched"] for r in runs)
     agg["breakdown"] = {k: float(np.mean([r["breakdown"][k] for r in runs])) for k in runs[0]["breakdown"]}
     n = agg["hits"] + agg["misses"]
     agg["hit_rate"] = agg["hits"] / n if n else None

@@ -11,6 +11,8 @@ import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import gguf_layout
 
 MiB = 1 << 20
@@ -53,29 +55,44 @@ def kv_bytes(path: str | Path, n_ctx: int) -> int:
     h = gguf_layout.read_gguf(path, strings=False)
     arch = h.get("general.architecture")
     n_layer = int(h.get(f"{arch}.block_count", 0) or 0)
-    n_head = h.get(f"{arch}.attention.head_count", 0) or 0
-    n_head_kv = h.get(f"{arch}.attention.head_count_kv", n_head) or n_head
-    n_head = int(max(n_head) if isinstance(n_head, list) else n_head)
-    n_head_kv = int(max(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv)
+    n_head = int(np.asarray(h.get(f"{arch}.attention.head_count", 0) or 0).max())    # per-layer arrays too
+    n_head_kv = int(np.asarray(h.get(f"{arch}.attention.head_count_kv", n_head) or n_head).max())
     n_embd = int(h.get(f"{arch}.embedding_length", 0) or 0)
     k_len = int(h.get(f"{arch}.attention.key_length", 0) or (n_embd // n_head if n_head else 0))
     v_len = int(h.get(f"{arch}.attention.value_length", 0) or k_len)
     return n_layer * n_ctx * n_head_kv * (k_len + v_len) * 2
 
 
-def compute_bytes(path: str | Path, n_ctx: int, n_ubatch: int = 512, out_rows: int = 32) -> int:
-    """GPU compute buffer of one context, as llama.cpp sizes it for our passes: a fixed part, one
-    layer's attention scores (F32, n_head x n_ctx x the ubatch's rows) and the logits of a verify pass.
-    Checked on the H200 (docs/BENCHMARKS.md, auto-fit on real free memory): the 18 GB pair at -c 2048
-    used 2.88 GiB for weights, KV and compute together, and the cache this estimate allows (65 slots per
-    layer from 12 GiB free) ran; the previous flat 768 MiB + logits of 512 rows over-reserved 0.9 GiB."""
+def compute_bytes(path: str | Path, n_ctx: int, n_ubatch: int = 512) -> int:
+    """GPU compute buffer of one context as llama.cpp reserves it: its worst graph is a full ubatch
+    with every row an output (n_outputs = min(n_ubatch, n_batch)), so the logits of n_ubatch rows, one
+    layer's F32 attention scores (n_head x n_ctx x the ubatch's rows; no flash attention in our CUDA
+    build), and a fixed part for the rest."""
     h = gguf_layout.read_gguf(path, strings=False)
     arch = h.get("general.architecture")
-    n_head = h.get(f"{arch}.attention.head_count", 0) or 0
-    n_head = int(max(n_head) if isinstance(n_head, list) else n_head)
+    n_head = np.asarray(h.get(f"{arch}.attention.head_count", 0) or 0).max()
     tokens = h.get("tokenizer.ggml.tokens")
     vocab = int(h.get(f"{arch}.vocab_size", 0) or (len(tokens) if tokens is not None else 32000))
-    return 128 * MiB + n_head * n_ctx * min(n_ubatch, n_ctx) * 4 + vocab * 4 * out_rows
+    rows = min(n_ubatch, n_ctx)
+    return 128 * MiB + int(n_head) * n_ctx * rows * 4 + vocab * 4 * rows
+
+
+def input_embedding_bytes(path: str | Path) -> int:
+    """token_embd.weight: llama.cpp keeps the input layer in host memory whatever -ngl says."""
+    h = gguf_layout.read_gguf(path, strings=False)
+    return sum(t.nbytes for t in h.tensors if t.name == "token_embd.weight")
+
+
+def plan_pair(target: str | Path, draft: str | Path | None, n_ctx: int, free: int, device: str = "GPU") -> "Fit":
+    """The plan for a target (and draft) at context n_ctx: what each needs on the GPU (weights but the
+    input embeddings, KV caches, compute buffers), then `plan`."""
+    lay = gguf_layout.describe(target)
+    kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if draft else 0)
+    compute = compute_bytes(target, n_ctx) + (compute_bytes(draft, n_ctx) if draft else 0)
+    draft_gpu = Path(draft).stat().st_size - input_embedding_bytes(draft) if draft else 0
+    return plan(dense=lay.dense_bytes - input_embedding_bytes(target), experts=lay.expert_bytes,
+                bytes_per_expert=lay.bytes_per_expert, n_moe_layers=len(lay.moe_layers), n_expert=lay.n_expert,
+                vocab=lay.vocab_size or 32000, draft_bytes=draft_gpu, kv=kv, compute=compute, free=free, device=device)
 
 
 @dataclass(frozen=True)
@@ -131,8 +148,7 @@ def plan(*, dense: int, experts: int, bytes_per_expert: int, n_moe_layers: int, 
     return Fit(mode="cache", cache=int(slots * per_slot_row), slots_per_layer=int(slots), **common)
 
 
-def plan_for(layout: gguf_layout.ModelLayout, *, draft_bytes: int, kv: int, free: int, device: str = "GPU",
-             compute: int | None = None) -> Fit:
+def plan_for(layout: gguf_layout.ModelLayout, *, draft_bytes: int, kv: int, free: int, device: str = "GPU") -> Fit:
     return plan(dense=layout.dense_bytes, experts=layout.expert_bytes, bytes_per_expert=layout.bytes_per_expert,
                 n_moe_layers=len(layout.moe_layers), n_expert=layout.n_expert, vocab=layout.vocab_size or 32000,
-                draft_bytes=draft_bytes, kv=kv, free=free, device=device, compute=compute)
+                draft_bytes=draft_bytes, kv=kv, free=free, device=device)

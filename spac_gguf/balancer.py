@@ -303,8 +303,8 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     miss_rate = min(max(float(miss_rate), 0.0), 1.0)
     distinct = n_expert * (1.0 - (1.0 - k / n_expert) ** rows)          # per layer, uniform routing
     m = distinct * miss_rate
-    if m <= 0.0:
-        return 1.0
+    if m <= 0.0:                                                          # nothing to split: keep the graph
+        return 1.0 if prev is None or prev >= 1.0 else 0.999
     cpu, gpu, copy = hw.expert_costs(rows * k / max(distinct, 1.0), expert_bytes)
     up = copy - gpu                                                       # the upload alone
     n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))

@@ -78,6 +78,8 @@ class ExpertCache:
             self._set_map(layer)
         ticket = native.check(f"load layer {layer} expert {expert} slot {slot}",
                               native.api.cache_load(self.ctx, layer, expert, slot))
+        for old in [t for t, key in self._tickets.items() if key == (layer, slot)]:
+            del self._tickets[old]           # a finished, unpolled load of that slot: overwritten now
         self._tickets[ticket] = (layer, slot)
         self.slot_expert[layer, slot] = expert
         self.state[layer, slot] = LOADING
@@ -85,9 +87,9 @@ class ExpertCache:
         self.loads += 1
 
     def loading(self) -> dict[tuple[int, int], int]:
-        """(layer, slot) -> expert of every load in flight (from the ledger as last read or changed)."""
-        l, s = np.nonzero(self.state == LOADING)
-        return {(int(a), int(b)): int(self.slot_expert[a, b]) for a, b in zip(l, s)}
+        """(layer, slot) -> expert of every load not yet polled: its slot stays busy until poll() says
+        it is done, even where sync() already reads the copy as complete (the map is set at publish)."""
+        return {(layer, slot): int(self.slot_expert[layer, slot]) for layer, slot in self._tickets.values()}
 
     def poll(self) -> list[tuple[int, int]]:
         done = []

@@ -82,19 +82,14 @@ class RunConfig:
     def placement(self, target: Path, draft: Path | None) -> dict:
         """load() keywords for where things go: the flags where given, else the auto-fit plan when a
         GPU is present (printed as one block on stderr), else the CPU path."""
-        from . import autofit, gguf_layout
+        from . import autofit
         kw = dict(n_gpu_layers=self.gpu_layers or 0, policy=self.policy or "none", cache_slots=self.cache_slots)
         if self.cpu or self.gpu_layers is not None:
             return kw
         dev = autofit.device_memory()
         if dev is None:
             return kw
-        lay = gguf_layout.describe(target)
-        kv = autofit.kv_bytes(target, self.n_ctx) + (autofit.kv_bytes(draft, self.n_ctx) if draft else 0)
-        compute = autofit.compute_bytes(target, self.n_ctx) + (autofit.compute_bytes(draft, self.n_ctx) if draft else 0)
-        fit = autofit.plan_for(lay, draft_bytes=Path(draft).stat().st_size if draft else 0, kv=kv, compute=compute,
-                               free=dev.free,
-                               device=dev.name)
+        fit = autofit.plan_pair(target, draft, self.n_ctx, free=dev.free, device=dev.name)
         kw["n_gpu_layers"] = 99
         if fit.mode == "gpu":
             kw["experts_on_cpu"] = False
@@ -105,16 +100,19 @@ class RunConfig:
         sys.stderr.write("spac-gguf: auto-fit (override with -ngl, --policy, --budget, --cache-slots; --cpu: no GPU)\n")
         for line in fit.lines():
             sys.stderr.write(f"  {line}\n")
-        if fit.mode == "cache" and self.hw is None:      # the balancer's costs: this machine's, measured once
+        if fit.mode == "cache" and self.hw is None and kw["policy"] != "none":   # this machine's costs, once
             from .hardware import machine_profile
             from .registry import cache_dir
             path, measured = machine_profile(dev.name, dev.total, cache_dir())
             kw["hw"] = str(path)
             sys.stderr.write(f"  profile      {'measured now' if measured else 'measured before'}, {path} (--hw overrides)\n")
-        given = [f"{flag} {v}" for flag, v in (("--policy", self.policy), ("--cache-slots", self.cache_slots),
-                                                ("--budget", self.budget)) if v is not None]
-        if given and fit.mode == "cache":                  # the plan's cache line is not what runs
-            sys.stderr.write(f"  overridden   {', '.join(given)} (instead of the plan's cache)\n")
+        if fit.mode == "cache":                         # where the plan's cache line is not what runs
+            given = [f"{flag} {v}" for flag, v in (("--cache-slots", self.cache_slots), ("--budget", self.budget))
+                     if v is not None]
+            if self.policy not in (None, "spac"):
+                given.append(f"--policy {self.policy}")
+            if given:
+                sys.stderr.write(f"  overridden   {', '.join(given)} (the plan: {fit.slots_per_layer} slots, spac)\n")
         return kw
 
     def load(self):

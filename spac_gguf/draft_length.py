@@ -114,7 +114,8 @@ class DraftLength:
         blocks: list[list[float]] = []           # [weighted sum, weight, first rows index]
         pts = sorted(self._verify.items())
         for i, (_, m) in enumerate(pts):
-            blocks.append([m.value * max(m.n, 1), float(max(m.n, 1)), i])
+            w = float(min(max(m.n, 1), 1.0 / m.floor))  # an exponential mean stands for ~1/floor recent passes
+            blocks.append([m.value * w, w, i])
             while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
                 s, w, _ = blocks.pop()
                 blocks[-1][0] += s

@@ -91,6 +91,8 @@ BUILTIN: dict[str, HardwareProfile] = {p.name: p for p in (
                     gpu_s_per_expert_token=5e-7, gpu_pass_s=0.008, draft_s_per_token=0.003),
     HardwareProfile("h100-pcie5", link_gbps=51.0, cpu_expert_gbps=41.0, cpu_s_per_expert_token=1e-6,
                     gpu_s_per_expert_token=2e-7, gpu_pass_s=0.005, draft_s_per_token=0.002),
+    HardwareProfile("h200-pcie5", link_gbps=42.0, cpu_expert_gbps=45.0, cpu_s_per_expert_token=1e-6,
+                    gpu_s_per_expert_token=2e-7, gpu_pass_s=0.006, draft_s_per_token=0.002, host_branch_s=2.5e-4),
 )}
 
 
@@ -187,7 +189,7 @@ def _machine_key(device_name: str, device_total: int) -> str:
     """What would change the profile: the GPU (name, memory), its driver, the CPU model and core count."""
     import hashlib
     import platform
-    parts = [device_name, str(device_total), platform.machine(), str(os.cpu_count())]
+    parts = ["v2", device_name, str(device_total), platform.machine(), str(os.cpu_count())]   # v2: expert-path scaling
     for path in ("/proc/driver/nvidia/version", "/proc/cpuinfo"):
         try:
             text = Path(path).read_text(errors="replace")
@@ -209,10 +211,17 @@ def machine_profile(device_name: str, device_total: int, cache_dir: Path) -> tup
             return path, False
         except (ValueError, OSError, tomllib.TOMLDecodeError):
             pass                                         # unreadable: measure again
+    import tempfile
     base = closest_profile(device_name)
     prof = calibrate(name=f"{base}-calibrated", base=base)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"# {device_name}: {base} with this machine's CPU streaming measured\n" + prof.to_toml())
-    tmp.replace(path)
+    text = f"# {device_name}: {base} with this machine's CPU streaming measured\n" + prof.to_toml()
+    try:                                             # a file of our own, then one rename: runs may race
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:                                  # a read-only cache: measured, just not kept
+        path = Path(tempfile.gettempdir()) / f"spac-gguf-hw-{os.getpid()}.toml"
+        path.write_text(text)
     return path, True

@@ -82,7 +82,11 @@ def _install_abort_handler() -> None:
 
     def on_abort(message):
         text = (message or b"").decode("utf-8", "replace").replace("\n", " ").strip()
-        os.write(2, f"spac-gguf: llama.cpp stopped on an internal error: {text}\n".encode())
+        # ggml logs the cause first (e.g. CUDA's error string) and aborts with a short text; where a
+        # caller holds error lines back, the last one is that cause (elsewhere it is already printed)
+        held = [ln.strip() for ln in "".join(_ERRORS or []).splitlines() if ln.strip()]
+        cause = f" ({held[-1]})" if held else ""
+        os.write(2, f"spac-gguf: llama.cpp stopped on an internal error: {text}{cause}\n".encode())
         os._exit(2)
 
     _ABORT_CB = proto(on_abort)

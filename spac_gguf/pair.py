@@ -338,7 +338,7 @@ class ModelPair:
         drafter = None
         if self.draft_ctx is not None and draft_max > 0:
             self.draft_ctx.reset()
-            drafter = custom_drafter or Drafter(self.draft_ctx)
+            drafter = custom_drafter if custom_drafter is not None else Drafter(self.draft_ctx)
         self.verifier.recorder = recorder
         sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

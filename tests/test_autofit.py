@@ -57,9 +57,7 @@ def test_plan_fills_the_gpu_and_never_overfills_it(free_gib, mode):
 def test_cli_prints_the_plan_and_stays_lossless(pair):
     t, d = pair
     lay = gguf_layout.describe(t)
-    kv = autofit.kv_bytes(t, 256) + autofit.kv_bytes(d, 256)
-    compute = autofit.compute_bytes(t, 256) + autofit.compute_bytes(d, 256)
-    base = autofit.plan_for(lay, draft_bytes=os.path.getsize(d), kv=kv, compute=compute, free=0)
+    base = autofit.plan_pair(t, d, 256, free=0)
     fixed = base.dense + base.draft + base.kv + base.compute + 512 * MiB
     free_mib = (fixed + 4.5 * len(lay.moe_layers) * lay.bytes_per_expert) / MiB   # room for 3 slots + the zero slot
     args = [sys.executable, "-m", "spac_gguf.cli", "run", str(t), "--draft", str(d), "-n", "12", "-c", "256",
@@ -90,9 +88,7 @@ def test_auto_fit_measures_the_machine_profile_once(pair, tmp_path):
     from spac_gguf.hardware import load_profile
     t, d = pair
     lay = gguf_layout.describe(t)
-    kv = autofit.kv_bytes(t, 256) + autofit.kv_bytes(d, 256)
-    compute = autofit.compute_bytes(t, 256) + autofit.compute_bytes(d, 256)
-    base = autofit.plan_for(lay, draft_bytes=os.path.getsize(d), kv=kv, compute=compute, free=0)
+    base = autofit.plan_pair(t, d, 256, free=0)
     fixed = base.dense + base.draft + base.kv + base.compute + 512 * MiB
     free_mib = (fixed + 4.5 * len(lay.moe_layers) * lay.bytes_per_expert) / MiB
     args = [sys.executable, "-m", "spac_gguf.cli", "run", str(t), "--draft", str(d), "-n", "4", "-c", "256",
@@ -120,12 +116,20 @@ def test_auto_fit_measures_the_machine_profile_once(pair, tmp_path):
     assert "profile " not in run(free_mib, "--hw", "h200-pcie5")
 
 
-def test_compute_estimate_grows_with_the_context(pair):
-    """The attention scores of a ubatch grow with -c: a long context reserves more (the old flat
-    estimate did not), a short one less than the old 768 MiB + 512 rows of logits."""
-    t, _ = pair
-    small, large = autofit.compute_bytes(t, 256), autofit.compute_bytes(t, 32768)
-    r = gguf.GGUFReader(str(t))                                  # an independent reader
+def test_compute_estimate_and_gpu_weights_follow_llama_cpp(pair):
+    """Checked against an independent reader: the compute reserve holds the logits of a full ubatch
+    (every row an output, as llama.cpp reserves) and one layer's attention scores, both growing with -c
+    up to the 512-row ubatch; the GPU's share of the weights leaves out token_embd (llama.cpp keeps the
+    input layer on the host)."""
+    t, d = pair
+    r = gguf.GGUFReader(str(t))
     n_head = int(r.fields["qwen3moe.attention.head_count"].parts[-1][0])
-    assert large - small == n_head * (32768 * 512 - 256 * 256) * 4
-    assert small < 768 * MiB
+    vocab = len(r.fields["tokenizer.ggml.tokens"].data)
+    small, large = autofit.compute_bytes(t, 256), autofit.compute_bytes(t, 32768)
+    assert small == 128 * MiB + n_head * 256 * 256 * 4 + vocab * 4 * 256
+    assert large == 128 * MiB + n_head * 32768 * 512 * 4 + vocab * 4 * 512
+    emb = next(int(x.n_bytes) for x in r.tensors if x.name == "token_embd.weight")
+    assert emb > 0 and autofit.input_embedding_bytes(t) == emb
+    fit = autofit.plan_pair(t, d, 256, free=0)
+    assert fit.dense == gguf_layout.describe(t).dense_bytes - emb
+    assert fit.draft == os.path.getsize(d) - autofit.input_embedding_bytes(d)

@@ -36,6 +36,8 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     for name, row in rows.items():
         assert row["output_matches_reference"] is True, name
         assert row["routing"] == "random" and row["n_generated"] == 20, name
+        # the passes computed the trace's experts (the bench's own check of its replay)
+        assert row["replay_rows_checked"] >= 20 and row["replay_rows_mismatched"] == 0, name
     assert "replayed" in doc["method"]["routing"]["random"]
     for name in ("sd_lru", "spac"):                                # the oracle draft, 30 % of it corrupted
         assert rows[name]["draft_max"] == 5 and 0.6 <= rows[name]["acceptance"] <= 0.9, rows[name]["acceptance"]

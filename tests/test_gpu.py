@@ -156,9 +156,7 @@ def test_auto_fit_on_the_gpu(files):
     assert r.returncode == 0, r.stderr
     assert "auto-fit" in r.stderr and dev.name in r.stderr and "the whole model fits" in r.stderr
     lay = gguf_layout.describe(target)
-    kv = autofit.kv_bytes(target, 256) + autofit.kv_bytes(draft, 256)
-    compute = autofit.compute_bytes(target, 256) + autofit.compute_bytes(draft, 256)
-    fit0 = autofit.plan_for(lay, draft_bytes=os.path.getsize(draft), kv=kv, compute=compute, free=0)
+    fit0 = autofit.plan_pair(target, draft, 256, free=0)
     fixed = fit0.dense + fit0.draft + fit0.kv + fit0.compute + 512 * (1 << 20)
     free_mib = (fixed + 4.5 * len(lay.moe_layers) * lay.bytes_per_expert) / (1 << 20)
     env = dict(os.environ, SPAC_TEST_GPU_FREE_MIB=f"{free_mib:.3f}")

@@ -114,6 +114,12 @@ def test_loads_in_flight_come_from_the_ledger(model):
     for (il, slot), expert in issued.items():
         cache.load_async(il, expert, slot)
     assert cache.loading() == issued
+    # a load the C side finished but poll() has not seen is still busy: sync() reads it complete, and a
+    # second load into it would have its slot marked ready by the first one's poll while it copies
+    for ticket in list(cache._tickets):
+        native.check("wait", native.api.cache_wait(cache.ctx, ticket))
+    cache.sync()
+    assert cache.loading() == issued
     cache.wait_all()
     assert cache.loading() == {}
     cache.sync()

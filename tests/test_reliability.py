@@ -167,3 +167,12 @@ def test_an_abort_inside_ggml_is_one_line_and_exit_2():
     assert r.returncode == 2, (r.returncode, r.stderr[-500:])
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "CUDA error: an illegal memory access" in lines[0], r.stderr
+    # as ggml-cuda does it: the cause is logged as an error first, the abort text is short; where the
+    # caller holds error lines back (a load, the cache's allocation), the one line still names the cause
+    code = ("from spac_gguf import llama_backend as lb\n"
+            "with lb.errors_worded_by_caller():\n"
+            "    lb._ERRORS.append('CUDA error: out of memory\\n')\n"
+            "    lb._sibling_lib('ggml-base').ggml_abort(b'ggml-cuda.cu', 109, b'CUDA error')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "(CUDA error: out of memory)" in lines[0], r.stderr
