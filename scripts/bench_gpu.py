@@ -18,6 +18,10 @@ Systems (all from our build; (1)-(3) run with the expert cache off):
   spac_ak          spac with K chosen per round in 0..--draft-max (spac_gguf.draft_length; the controller
                    learns on the warm-up run and keeps learning; its K histogram is in the row)
   llama_ar_gpu     reference only: every weight on the GPU (the dense-part / all-GPU bound)
+  llama_ar_offload1, llama_sd_offload1
+                   llama_ar_cpu / llama_sd_cpu with llama.cpp's GGML_OP_OFFLOAD_MIN_BATCH=1: every pass
+                   copies the experts it uses from pinned host memory and computes them on the GPU
+                   (a setting llama.cpp users run; read once per process, so run in a child process)
 
 Every system with host experts keeps them in pinned host memory (--no-pinned: mmap). The cache systems
 use in-pass loads (--no-inpass: off): `sd_lru`/`lru_ar` upload every miss and evict by recency (the
@@ -77,8 +81,11 @@ SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak")
 ADAPTIVE = ("spac_ak",)
 CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac", "lru_ar": "lru", "spac_ar": "spac",
                 "spac_ak": "spac"}
+# llama.cpp's own small-batch offload: experts in pinned host memory, every pass's used experts copied to
+# the GPU and computed there (GGML_OP_OFFLOAD_MIN_BATCH=1, read once per process: a process of its own)
+OFFLOAD1 = {"llama_ar_offload1": "llama_ar_cpu", "llama_sd_offload1": "llama_sd_cpu"}
 ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "lru_ar",
-               "spac_ar", "llama_ar_gpu")
+               "spac_ar", "llama_ar_gpu", *OFFLOAD1)
 BUDGETED = ("llama_ar_layers", "sd_lru", "sd_static", "spac", "spac_ak", "lru_ar", "spac_ar")
 ROUTINGS = ("model", "random", "qwen3-calibrated", "high-skew")
 
@@ -590,6 +597,39 @@ def aggregate(runs: list[dict]) -> dict:
     return agg
 
 
+def run_offload1(argv: list[str] | None, systems: list[str], out_path: Path, time_left: float) -> list[dict]:
+    """The OFFLOAD1 systems: the llama.cpp systems they stand for, run by this script in a child process
+    with GGML_OP_OFFLOAD_MIN_BATCH=1 (same model, prompts, routing replay and acceptance), renamed."""
+    drop = {"--systems", "--out", "--time-limit"}
+    args, it = [], iter(argv if argv is not None else sys.argv[1:])
+    for tok in it:
+        if tok in drop:
+            next(it, None)
+        elif tok.split("=", 1)[0] not in drop and tok != "--no-bw":
+            args.append(tok)
+    sub_out = out_path.with_suffix(".offload1.json")
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--no-bw", "--out", str(sub_out),
+           "--systems", ",".join(OFFLOAD1[s] for s in systems), "--time-limit", f"{max(time_left - 20, 10):.0f}"]
+    log("  llama.cpp small-batch offload (GGML_OP_OFFLOAD_MIN_BATCH=1):", " ".join(cmd[2:]))
+    try:
+        subprocess.run(cmd, env=dict(os.environ, GGML_OP_OFFLOAD_MIN_BATCH="1"), timeout=time_left, check=False)
+        sub = json.loads(sub_out.read_text())
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        log(f"SKIP {systems}: {type(e).__name__}: {e}")
+        return []
+    finally:
+        with contextlib.suppress(OSError):
+            sub_out.unlink()
+    back = {v: k for k, v in OFFLOAD1.items()}
+    rows = []
+    for r in sub["results"]:
+        if r["system"] in back:
+            r["system"] = back[r["system"]]
+            r["config"] = {**r.get("config", {}), "GGML_OP_OFFLOAD_MIN_BATCH": 1}
+            rows.append(r)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="spac-gguf GPU benchmark (issue 6)")
     ap.add_argument("--measure-bw", action="store_true", help=argparse.SUPPRESS)
@@ -664,6 +704,9 @@ def main(argv=None) -> int:
     if "llama_ar_gpu" in a.systems and not gpu:
         skipped.append({"system": "llama_ar_gpu", "reason": "no GPU"})
         a.systems.remove("llama_ar_gpu")
+
+    offload1 = [s for s in a.systems if s in OFFLOAD1]       # run by a process of their own, below
+    a.systems = [s for s in a.systems if s not in OFFLOAD1]
 
     lay = gguf_layout.describe(a.target)
     dlay = gguf_layout.describe(a.draft)
@@ -810,6 +853,17 @@ def main(argv=None) -> int:
                     f"match={r['output_matches_reference']}")
             pair.close()
             save()
+
+    # llama.cpp's small-batch offload systems: this script again, in a process with the variable set
+    left = a.time_limit - (time.perf_counter() - T0)
+    if offload1 and left > 30:
+        sub_rows = run_offload1(argv, offload1, out_path, left)
+        doc["results"] += sub_rows
+        if not sub_rows:
+            skipped += [{"system": s, "reason": "its process produced no result"} for s in offload1]
+    elif offload1:
+        timed_out = True
+        skipped += [{"system": s, "reason": "time limit"} for s in offload1]
 
     # 3. rooflines (after all phases: the all-GPU pass time comes from the reference phase)
     if gpu_pass is None:
