@@ -50,49 +50,61 @@ def device_memory() -> DeviceMemory | None:
     return DeviceMemory(name, int(free.value), int(total.value))
 
 
-def kv_bytes(path: str | Path, n_ctx: int) -> int:
-    """F16 K and V for n_ctx positions in every layer (llama.cpp's default cache types)."""
-    h = gguf_layout.read_gguf(path, strings=False)
+def _header(src: str | Path | gguf_layout.GGUFHeader) -> gguf_layout.GGUFHeader:
+    return src if isinstance(src, gguf_layout.GGUFHeader) else gguf_layout.read_gguf(src, strings=False)
+
+
+def _heads(h: gguf_layout.GGUFHeader) -> tuple[str, int, int]:
+    """(arch, n_head, n_head_kv), the largest where a model gives them per layer."""
     arch = h.get("general.architecture")
-    n_layer = int(h.get(f"{arch}.block_count", 0) or 0)
-    n_head = int(np.asarray(h.get(f"{arch}.attention.head_count", 0) or 0).max())    # per-layer arrays too
+    n_head = int(np.asarray(h.get(f"{arch}.attention.head_count", 0) or 0).max())
     n_head_kv = int(np.asarray(h.get(f"{arch}.attention.head_count_kv", n_head) or n_head).max())
+    return arch, n_head, n_head_kv
+
+
+def kv_bytes(src: str | Path | gguf_layout.GGUFHeader, n_ctx: int) -> int:
+    """F16 K and V for n_ctx positions in every layer (llama.cpp's default cache types)."""
+    h = _header(src)
+    arch, n_head, n_head_kv = _heads(h)
+    n_layer = int(h.get(f"{arch}.block_count", 0) or 0)
     n_embd = int(h.get(f"{arch}.embedding_length", 0) or 0)
     k_len = int(h.get(f"{arch}.attention.key_length", 0) or (n_embd // n_head if n_head else 0))
     v_len = int(h.get(f"{arch}.attention.value_length", 0) or k_len)
     return n_layer * n_ctx * n_head_kv * (k_len + v_len) * 2
 
 
-def compute_bytes(path: str | Path, n_ctx: int, n_ubatch: int = 512) -> int:
+def compute_bytes(src: str | Path | gguf_layout.GGUFHeader, n_ctx: int, n_ubatch: int = 512) -> int:
     """GPU compute buffer of one context as llama.cpp reserves it: its worst graph is a full ubatch
     with every row an output (n_outputs = min(n_ubatch, n_batch)), so the logits of n_ubatch rows, one
     layer's F32 attention scores (n_head x n_ctx x the ubatch's rows; no flash attention in our CUDA
     build), and a fixed part for the rest."""
-    h = gguf_layout.read_gguf(path, strings=False)
-    arch = h.get("general.architecture")
-    n_head = np.asarray(h.get(f"{arch}.attention.head_count", 0) or 0).max()
+    h = _header(src)
+    arch, n_head, _ = _heads(h)
     tokens = h.get("tokenizer.ggml.tokens")
     vocab = int(h.get(f"{arch}.vocab_size", 0) or (len(tokens) if tokens is not None else 32000))
     rows = min(n_ubatch, n_ctx)
-    return 128 * MiB + int(n_head) * n_ctx * rows * 4 + vocab * 4 * rows
+    return 128 * MiB + n_head * n_ctx * rows * 4 + vocab * 4 * rows
 
 
-def input_embedding_bytes(path: str | Path) -> int:
+def input_embedding_bytes(src: str | Path | gguf_layout.GGUFHeader) -> int:
     """token_embd.weight: llama.cpp keeps the input layer in host memory whatever -ngl says."""
-    h = gguf_layout.read_gguf(path, strings=False)
-    return sum(t.nbytes for t in h.tensors if t.name == "token_embd.weight")
+    return sum(t.nbytes for t in _header(src).tensors if t.name == "token_embd.weight")
 
 
 def plan_pair(target: str | Path, draft: str | Path | None, n_ctx: int, free: int, device: str = "GPU") -> "Fit":
     """The plan for a target (and draft) at context n_ctx: what each needs on the GPU (weights but the
     input embeddings, KV caches, compute buffers), then `plan`."""
     lay = gguf_layout.describe(target)
-    kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if draft else 0)
-    compute = compute_bytes(target, n_ctx) + (compute_bytes(draft, n_ctx) if draft else 0)
-    draft_gpu = Path(draft).stat().st_size - input_embedding_bytes(draft) if draft else 0
-    return plan(dense=lay.dense_bytes - input_embedding_bytes(target), experts=lay.expert_bytes,
+    th = _header(target)
+    kv, compute = kv_bytes(th, n_ctx), compute_bytes(th, n_ctx)
+    draft_gpu = 0
+    if draft:
+        dh = _header(draft)
+        kv, compute = kv + kv_bytes(dh, n_ctx), compute + compute_bytes(dh, n_ctx)
+        draft_gpu = Path(draft).stat().st_size - input_embedding_bytes(dh)
+    return plan(dense=lay.dense_bytes - input_embedding_bytes(th), experts=lay.expert_bytes,
                 bytes_per_expert=lay.bytes_per_expert, n_moe_layers=len(lay.moe_layers), n_expert=lay.n_expert,
-                vocab=lay.vocab_size or 32000, draft_bytes=draft_gpu, kv=kv, compute=compute, free=free, device=device)
+                draft_bytes=draft_gpu, kv=kv, compute=compute, free=free, device=device)
 
 
 @dataclass(frozen=True)
@@ -127,12 +139,10 @@ class Fit:
         return out
 
 
-def plan(*, dense: int, experts: int, bytes_per_expert: int, n_moe_layers: int, n_expert: int, vocab: int,
-         draft_bytes: int, kv: int, free: int, device: str = "GPU", compute: int | None = None,
-         margin: int | None = None) -> Fit:
-    """The placement for `free` bytes of GPU memory (see the module docstring)."""
-    if compute is None:                                  # both contexts' compute buffers, logits of a ubatch
-        compute = 768 * MiB + vocab * 4 * 512
+def plan(*, dense: int, experts: int, bytes_per_expert: int, n_moe_layers: int, n_expert: int,
+         draft_bytes: int, kv: int, compute: int, free: int, device: str = "GPU", margin: int | None = None) -> Fit:
+    """The placement for `free` bytes of GPU memory (see the module docstring); `compute`: both
+    contexts' compute buffers (`compute_bytes`)."""
     if margin is None:
         margin = max(512 * MiB, free // 20)
     common = dict(device=device, free=free, dense=dense, experts=experts, draft=draft_bytes, kv=kv, compute=compute,
@@ -146,9 +156,3 @@ def plan(*, dense: int, experts: int, bytes_per_expert: int, n_moe_layers: int, 
     if slots < 1:
         return Fit(mode="host-experts", cache=0, slots_per_layer=0, **common)
     return Fit(mode="cache", cache=int(slots * per_slot_row), slots_per_layer=int(slots), **common)
-
-
-def plan_for(layout: gguf_layout.ModelLayout, *, draft_bytes: int, kv: int, free: int, device: str = "GPU") -> Fit:
-    return plan(dense=layout.dense_bytes, experts=layout.expert_bytes, bytes_per_expert=layout.bytes_per_expert,
-                n_moe_layers=len(layout.moe_layers), n_expert=layout.n_expert, vocab=layout.vocab_size or 32000,
-                draft_bytes=draft_bytes, kv=kv, free=free, device=device)

@@ -38,7 +38,7 @@ def test_plan_fills_the_gpu_and_never_overfills_it(free_gib, mode):
     n_moe, E, B = 48, 128, 2_654_208
     free = int(free_gib * (1 << 30))
     fit = autofit.plan(dense=1_600_000_000, experts=n_moe * E * B, bytes_per_expert=B, n_moe_layers=n_moe, n_expert=E,
-                       vocab=151936, draft_bytes=800 * MiB, kv=400 * MiB, free=free)
+                       draft_bytes=800 * MiB, kv=400 * MiB, compute=768 * MiB + 151936 * 4 * 512, free=free)
     fixed = fit.dense + fit.draft + fit.kv + fit.compute + fit.margin
     row = n_moe * B
     if fixed + n_moe * E * B <= free:
