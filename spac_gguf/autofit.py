@@ -32,18 +32,14 @@ def device_memory() -> DeviceMemory | None:
     fake = os.environ.get("SPAC_TEST_GPU_FREE_MIB")
     if fake:
         return DeviceMemory("test GPU (SPAC_TEST_GPU_FREE_MIB)", int(float(fake) * MiB), int(float(fake) * MiB))
-    from .llama_backend import _init_backend, _sibling_lib, first_gpu_device, gpu_available
+    from .llama_backend import _init_backend, first_gpu_device, ggml, gpu_available
     _init_backend()
     if not gpu_available():
         return None
-    base = _sibling_lib("ggml-base")
     dev = first_gpu_device()
-    if base is None or dev is None:
+    if dev is None:
         return None
-    base.ggml_backend_dev_memory.restype = None
-    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-    base.ggml_backend_dev_description.restype = ctypes.c_char_p
-    base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    base = ggml()
     free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
     base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
     name = (base.ggml_backend_dev_description(dev) or b"GPU").decode("utf-8", "replace")

@@ -194,6 +194,11 @@ def ggml() -> ctypes.CDLL:
         lib.ggml_backend_dev_host_buffer_type.argtypes = [ctypes.c_void_p]
         lib.ggml_backend_buft_name.restype = ctypes.c_char_p
         lib.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_dev_memory.restype = None
+        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                ctypes.POINTER(ctypes.c_size_t)]
+        lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+        lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
         _GGML = lib
     return _GGML
 
