@@ -273,6 +273,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "unique_experts": int(sum(probe.unique)), "uncached_experts": int(sum(probe.uncached)),
         "inpass_loads": (n1["inpass_loads"] - n0["inpass_loads"]) if n0 else 0,
         "inpass_bytes": (n1["inpass_bytes"] - n0["inpass_bytes"]) if n0 else 0,
+        "direct_passes": (n1["direct_passes"] - n0["direct_passes"]) if n0 else 0,   # layer-passes read from host
         "routing_seen": bool(probe.unique),
         "replay_rows_checked": probe.replay_checked, "replay_rows_mismatched": probe.replay_mismatched,
         "breakdown": {
@@ -322,7 +323,8 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         pair = ModelPair(a.target, draft, experts_on_cpu=True, routing="auto", policy=pol,
                          budget=f"{budget * 100:g}%", hw=a.hw, draft_max=a.draft_max,
                          calibration=calib_path if pol == "static" else None,
-                         inpass=(InPass(share=None if a.spac_share == "auto" else float(a.spac_share), routed_bonus=1.0)
+                         inpass=(InPass(share=None if a.spac_share == "auto" else float(a.spac_share), routed_bonus=1.0,
+                                        direct_rows=a.spac_direct)
                                  if a.inpass and pol == "spac" else a.inpass and pol in ("lru", "spac")), **kw)
         info.update(slots_per_layer=pair.cache.n_slots, inpass=str(pair.engine.inpass),
                     budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
@@ -575,7 +577,7 @@ def aggregate(runs: list[dict]) -> dict:
     agg = {"tps": statistics.median(tps), "tps_runs": tps, "repeats": len(runs),
            "tps_min": min(tps), "tps_max": max(tps)}
     for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts",
-              "inpass_loads", "inpass_bytes"):
+              "inpass_loads", "inpass_bytes", "direct_passes"):
         agg[k] = float(np.mean([r[k] for r in runs]))
     acc = [r["acceptance"] for r in runs if r["acceptance"] is not None]
     agg["acceptance"] = float(np.mean(acc)) if acc else None
@@ -659,7 +661,12 @@ def main(argv=None) -> int:
     ap.add_argument("--spac-share", default="auto",
                     help="spac's in-pass share of a pass's misses uploaded (the rest run on the CPU): a number, or "
                          "auto (the library default: the balancer's split per pass, 1 when the pass fits the slots)")
+    ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",
+                    help="spac: passes of at most ROWS rows read their misses from pinned host memory on the GPU "
+                         "(no in-pass upload; 0 off, at most 4)")
     a = ap.parse_args(argv)
+    if not 0 <= a.spac_direct <= 4:
+        ap.error(f"--spac-direct must be in 0..4, not {a.spac_direct}")
     if a.spac_share != "auto":
         try:
             ok = 0.0 <= float(a.spac_share) <= 1.0
@@ -849,7 +856,7 @@ def main(argv=None) -> int:
                     gpu_pass = r["breakdown"]["target_decode_s"] / max(r["passes"], 1)
                 doc["results"].append(r)
                 log(f"  {s:16s} b={r['budget']!s:5s} r={routing:16s} a={acc!s:4s} tps={r['tps']:.2f} "
-                    f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} "
+                    f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} direct={r['direct_passes']:.0f} "
                     f"match={r['output_matches_reference']}")
             pair.close()
             save()

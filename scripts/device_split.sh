@@ -3,15 +3,16 @@
 # builds only), then spac's per-pass CPU/GPU split at fixed shares, plain decoding (spac_ar) and K = 5
 # (spac), replayed random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor.
 # FIT=1 also runs scripts/device_fit.sh. A share written `S:NAME` runs with the environment variable
-# NAME=1 (an A/B switch of the patch under test; the 2026-11-30 one, LLAMA_MOE_HOST_SPLIT, is gone).
-#   SHARES="0.7 1 auto" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
+# NAME=1, `S:NAME=VALUE` with that value (an A/B switch); `S+dN` adds --spac-direct N (passes of <= N
+# rows read their misses from pinned host memory on the GPU).
+#   SHARES="0.7 1 auto auto+d1" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
 # Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab (see scripts/device_test.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/split}
 SHARES=${SHARES:-0.7 0.5 0.35}
 mkdir -p "$OUT"
 T0=$(date +%s)
-bash scripts/device_test.sh 2>&1 | tail -4
+bash scripts/device_test.sh 2>&1 | tee "$OUT/tests.txt" | tail -4
 export PYTHONPATH=/tmp/site:$PWD
 M=/tmp/spac-bench-full
 [ -f $M/bench-target.gguf ] || python3 scripts/make_bench_model.py --out $M --scale full --vocab .dev/vocab/ggml-vocab-qwen2.gguf | tail -1
@@ -20,11 +21,13 @@ B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-d
 first=1
 for entry in $SHARES; do
   sh=${entry%%:*}; mode=${entry#*:}; [ "$mode" = "$entry" ] && mode=""
-  LEFT=$(( 570 - ($(date +%s) - T0) ))
+  direct=0; case $sh in *+d*) direct=${sh#*+d}; sh=${sh%%+d*};; esac
+  case $mode in ""|*=*) ;; *) mode=$mode=1;; esac
+  LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) ))
   [ "$LEFT" -gt 60 ] || { echo "no time left for share $entry"; break; }
-  tag=$sh${mode:+-$mode}
-  timeout $(( LEFT - 10 )) env ${mode:+$mode=1} $B --out "$OUT/split-$tag.json" \
-      --systems spac_ar,spac$([ $first = 1 ] && echo ,llama_ar_cpu) --spac-share $sh --time-limit $(( LEFT - 40 )) 2>&1 \
+  tag=$sh${mode:+-${mode%%=*}}$([ "$direct" != 0 ] && echo "-d$direct")
+  timeout $(( LEFT - 10 )) env $mode $B --out "$OUT/split-$tag.json" --spac-direct $direct \
+      --systems ${SYSTEMS:-spac_ar,spac}$([ $first = 1 ] && echo ,llama_ar_cpu) --spac-share $sh --time-limit $(( LEFT - 40 )) 2>&1 \
       | grep -E "tps=" | sed "s/^/[$tag] /" || echo "bench share $entry exit $?"
   first=0
 done

@@ -68,6 +68,12 @@ class ExpertCache:
                                                                float(routed_bonus),
                                                                None if pr is None else pr.ctypes.data))
 
+    def set_direct(self, max_rows: int) -> int:
+        """Passes of at most max_rows rows (0: off) compute the experts no slot serves on the GPU,
+        reading them from pinned host memory (no in-pass load, no host branch, no stop in the pass).
+        Returns how many layers can: 0 when the experts are not pinned host tensors of a GPU."""
+        return native.check("set_direct", native.api.cache_set_direct(self.ctx, int(max_rows)))
+
     def counters(self) -> dict:
         return native.counters(self.ctx)
 

@@ -27,10 +27,15 @@ class InPass:
     the pass in row chunks that fit the slots, every miss evicting the lowest-priority expert the
     pass does not need. With a host branch a miss takes the slot of the lowest-priority expert not
     routed now only if that priority is below its own + routed_bonus x its rows in the pass: inf
-    always evicts (LRU, the upstream design); spac uses 1 (a routed row is one unit of utility)."""
+    always evicts (LRU, the upstream design); spac uses 1 (a routed row is one unit of utility).
+
+    direct_rows: a pass of at most this many rows copies nothing and has no host branch: the GPU
+    computes its misses reading them from pinned host memory (no stop in the pass; the cache then
+    changes only between passes, by the policy's loads). 0: off."""
     share: float | None = 1.0
     max_loads: int = 1 << 20
     routed_bonus: float = math.inf
+    direct_rows: int = 0
 
 
 class SlotStore(Protocol):
@@ -57,6 +62,8 @@ class Engine:
         self.split = split                              # (rows, miss rate, last share) -> share, when inpass.share is None
         self._sent: np.ndarray | None = None            # the priority the C side holds
         self._sent_share: float | None = None
+        self._sent_direct = 0
+        self.direct_layers = 0                          # layers whose misses the GPU can read from host memory
         L = store.n_layers
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
         self.hits = self.misses = self.bytes_loaded = 0
@@ -80,6 +87,10 @@ class Engine:
             share = self.inpass.share
             if share is None:
                 share = self.split(rows, self.miss_rate, self._sent_share) if self.split is not None else 1.0
+            set_direct = getattr(self.store, "set_direct", None)
+            if set_direct is not None and self.inpass.direct_rows != self._sent_direct:
+                self.direct_layers = set_direct(self.inpass.direct_rows)
+                self._sent_direct = self.inpass.direct_rows
             pr = np.asarray(self.priority(), np.float32)
             if self._sent is None or share != self._sent_share or not np.array_equal(pr, self._sent):
                 self.store.set_inpass(share, self.inpass.max_loads, pr, self.inpass.routed_bonus)

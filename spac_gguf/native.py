@@ -10,7 +10,7 @@ import numpy as np
 import llama_cpp.llama_cpp as llc
 
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
-API_VERSION = 3  # LLAMA_MOE_API_VERSION this package was written against
+API_VERSION = 4  # LLAMA_MOE_API_VERSION this package was written against
 SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_MAPPED = 0, 1, 2, 3   # llama_moe_slot_state
 ERR_ALLOC = -8                                                   # LLAMA_MOE_ERR_ALLOC
 
@@ -56,6 +56,7 @@ _SIGS = {
     "llama_moe_cache_get_slots": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32],
                                   ctypes.c_int32),
     "llama_moe_cache_counters": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
+    "llama_moe_cache_set_direct": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
     "llama_moe_routing_replay": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
 }
 
@@ -97,13 +98,17 @@ def check(what: str, rc: int) -> int:
     return rc
 
 
+DIRECT_MAX_ROWS = 4  # LLAMA_MOE_DIRECT_MAX_ROWS
+
+
 def counters(ctx_ptr) -> dict:
-    """In-pass and asynchronous loads since cache_init (count, bytes), and (row, expert) pairs the host
-    computed."""
-    out = (ctypes.c_uint64 * 5)()
-    check("cache_counters", api.cache_counters(ctx_ptr, out, 5))
+    """In-pass and asynchronous loads since cache_init (count, bytes), (row, expert) pairs the host
+    computed, and layer-passes that read their misses straight from pinned host memory."""
+    out = (ctypes.c_uint64 * 6)()
+    check("cache_counters", api.cache_counters(ctx_ptr, out, 6))
     return {"inpass_loads": int(out[0]), "inpass_bytes": int(out[1]),
-            "async_loads": int(out[2]), "async_bytes": int(out[3]), "host_pairs": int(out[4])}
+            "async_loads": int(out[2]), "async_bytes": int(out[3]), "host_pairs": int(out[4]),
+            "direct_passes": int(out[5])}
 
 
 def replay(ctx_ptr, il: int, ids: np.ndarray | None) -> None:

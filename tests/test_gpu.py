@@ -119,6 +119,47 @@ def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files):
         assert cache.read_slot(il, int(s), 0, n) == raw[off:off + n].tobytes()
 
 
+def test_direct_reads_on_gpu_are_close_and_copy_nothing(files):
+    """Direct reads: passes of <= 4 rows compute the experts no slot serves on the GPU straight from
+    pinned host memory (the kernels skip the slot-served ids, -1). Logits as close to the stock
+    CPU-expert path as the stock all-GPU path is; every such pass, and only those, reads directly in
+    every cached layer; nothing is copied during those passes although in-pass loads are on."""
+    target, _ = files
+    m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True, pinned_experts=True))
+    m_gpu = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=False))
+    assert m.pinned
+    ref, ref_gpu, ctx = LlamaContext(m, n_ctx=128), LlamaContext(m_gpu, n_ctx=128), LlamaContext(m, n_ctx=128)
+    cache = ExpertCache(ctx.ptr, n_slots=4, on_host=False)
+    n_cached = int(cache.cached_layers.sum())
+    assert cache.set_direct(4) == n_cached
+    rng = np.random.default_rng(5)
+    for il in np.nonzero(cache.cached_layers)[0]:                 # half the experts in slots: hits and misses
+        for s, e in enumerate(rng.choice(cache.n_expert, 4, replace=False)):
+            cache.load_async(int(il), int(e), s)
+    cache.wait_all()
+    cache.publish()
+    cache.set_inpass(1.0, 1 << 20, np.zeros((cache.n_layers, cache.n_expert), np.float32), np.inf)
+    toks = m.tokenize(PROMPTS[2])
+    a, g, b = ref.decode(toks, "all"), ref_gpu.decode(toks, "all"), ctx.decode(toks, "all")
+    c0 = cache.counters()
+    short = 0
+    for step in range(12):
+        rows = [int(np.argmax(a[-1]))] + [int(t) for t in rng.integers(100, 1000, step % 6)]
+        short += len(rows) <= 4
+        a2, g2, b2 = ref.decode(rows, "all"), ref_gpu.decode(rows, "all"), ctx.decode(rows, "all")
+        a, g, b = np.vstack([a, a2]), np.vstack([g, g2]), np.vstack([b, b2])
+    c1 = cache.counters()
+    scale = np.abs(a).max()
+    rel, spread = np.abs(a - b).max() / scale, np.abs(a - g).max() / scale
+    assert rel < max(1e-3, 2.0 * spread), (rel, spread)
+    assert c1["direct_passes"] - c0["direct_passes"] == short * n_cached
+    assert c1["inpass_loads"] - c0["inpass_loads"] > 0            # the 5- and 6-row passes still upload
+    cache.set_direct(0)
+    before = cache.counters()["direct_passes"]
+    ctx.decode([int(np.argmax(b[-1]))], "all")
+    assert cache.counters()["direct_passes"] == before
+
+
 def test_replay_on_gpu_computes_the_given_experts(files):
     from spac_gguf import gguf_layout
     target, _ = files

@@ -103,6 +103,29 @@ def test_cache_free_and_init_again_stay_exact(model, threads):
             cache.free()
 
 
+def test_direct_reads_need_pinned_gpu_experts(model, threads):
+    """Direct reads (the GPU computing misses from pinned host memory) need a GPU: with host slots no
+    layer can, a pass asked for them takes the other paths and stays exact, the counter stays 0;
+    rows beyond LLAMA_MOE_DIRECT_MAX_ROWS are refused. (The GPU side: tests/test_gpu.py.)"""
+    m, lay = model
+    ref = LlamaContext(m, n_ctx=128, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=128, n_threads=threads)
+    cache = ExpertCache(ctx.ptr, n_slots=3, on_host=True)
+    assert cache.set_direct(native.DIRECT_MAX_ROWS) == 0
+    with pytest.raises(native.NativeError):
+        cache.set_direct(native.DIRECT_MAX_ROWS + 1)
+    with pytest.raises(native.NativeError):
+        cache.set_direct(-1)
+    _random_placement(cache, np.random.default_rng(4))
+    toks = m.tokenize(PROMPTS[1])
+    a, b = ref.decode(toks, "all"), ctx.decode(toks, "all")
+    for _ in range(3):
+        t = int(np.argmax(a[-1]))
+        a, b = ref.decode([t], "all"), ctx.decode([t], "all")
+        assert np.array_equal(a, b)
+    assert cache.counters()["direct_passes"] == 0
+
+
 def test_loads_in_flight_come_from_the_ledger(model):
     """The engine plans around loads in flight from the store's ledger (no mirror of its own): issued
     and not yet completed, they are exactly what loading() reports, and nothing after they land."""
