@@ -97,6 +97,7 @@ class RunConfig:
             kw["policy"] = self.policy or "spac"
             if self.cache_slots is None and self.budget is None and kw["policy"] != "none":
                 kw["cache_slots"] = fit.slots_per_layer
+                kw["fit_cache"] = True                  # re-sized from the free memory after loading
         sys.stderr.write("spac-gguf: auto-fit (override with -ngl, --policy, --budget, --cache-slots; --cpu: no GPU)\n")
         for line in fit.lines():
             sys.stderr.write(f"  {line}\n")

@@ -144,7 +144,10 @@ class ModelPair:
                  budget: str | None = None, hw: str | None = None, calibration: str | Path | None = None,
                  draft_max: int = DEFAULT_DRAFT_MAX, slots_on_host: bool | None = None,
                  cpu_expert_layers: tuple[int, ...] | None = None, pinned_experts: bool | None = None,
-                 inpass: "bool | InPass | None" = None):
+                 inpass: "bool | InPass | None" = None, fit_cache: bool = False):
+        """fit_cache: cache_slots is auto-fit's estimate; once the models and contexts are loaded the
+        cache takes what the GPU really has free (autofit.slots_after_load)."""
+        self.notices: list[str] = []                    # what changed of the request, said once (the CLI prints these)
         self.target_path, self.draft_path = str(target), (str(draft) if draft else None)
         self.layout = _describe(target, "target")
         self.draft_layout = _describe(draft, "draft") if draft else None
@@ -181,20 +184,37 @@ class ModelPair:
         self.cache, self.engine, self.policy_name = None, None, policy
         self._profile = None                             # the hardware profile the engine prices with
         if wants_cache:
-            self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max,
-                               slots_on_host if slots_on_host is not None else n_gpu_layers == 0, inpass)
+            on_host = slots_on_host if slots_on_host is not None else n_gpu_layers == 0
+            if fit_cache and cache_slots and not on_host:
+                cache_slots = self._slots_from_free_memory(cache_slots)
+            self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max, on_host, inpass)
         self.verifier = TargetVerifier(self.target_ctx, self.routing, self.engine)
         # one caller at a time: a generation owns both KV caches and the expert cache until it ends
         self._busy = threading.Lock()
         self._closed = False
-        # what llama.cpp changed of the request, said once (the CLI prints these)
-        self.notices: list[str] = []
         if self.target_ctx.n_ctx != n_ctx:
             self.notices.append(f"-c {n_ctx}: llama.cpp pads the context to {self.target_ctx.n_ctx} tokens "
                                 f"and caps one decode at {self.target_ctx.n_batch} rows")
         # K per round; its cost and acceptance estimates outlive one generate() (same machine, same pair)
         self.draft_length = DraftLength() if self.draft is not None else None
         self.last_stats: Stats | None = None
+
+    def _slots_from_free_memory(self, planned: int) -> int:
+        """The cache for the GPU memory left after loading (the plan's estimate where none is measured)."""
+        import os
+
+        from .autofit import device_memory, slots_after_load
+        mem = device_memory()
+        if mem is None or os.environ.get("SPAC_TEST_GPU_FREE_MIB"):    # no GPU, or a pretended one: the plan
+            return planned
+        lay = self.layout
+        slots = slots_after_load(mem.free, lay.bytes_per_expert, len(lay.moe_layers), lay.n_expert)
+        if slots < 1:
+            return planned                              # let the allocation say it in its one line
+        if slots != planned:
+            self.notices.append(f"auto-fit: {mem.free / 2**30:.2f} GiB free after loading: {slots} slots per layer "
+                                f"({slots / lay.n_expert:.0%}), the plan said {planned}")
+        return slots
 
     def _cache_too_big(self, cache_slots: int) -> str:
         """The one line for a cache the GPU could not allocate: its size against the free memory."""

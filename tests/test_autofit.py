@@ -54,6 +54,23 @@ def test_plan_fills_the_gpu_and_never_overfills_it(free_gib, mode):
     assert fit.mode == mode
 
 
+def test_cache_after_loading_takes_the_measured_free_memory():
+    """After loading, the cache is sized from what the GPU has free then, with the margin and the zero
+    slot: the largest count that fits, never one more; below one expert per layer, none. The H200
+    numbers: 8.61 GiB left after loading the benchmark pair (70 slots ran, 128 did not fit)."""
+    n_moe, E, B = 48, 128, 2_654_208
+    row = n_moe * B
+    for free in (int(8.61 * (1 << 30)), 3 << 30, int(0.6 * (1 << 30)), 200 * MiB):
+        s = autofit.slots_after_load(free, B, n_moe, E)
+        margin = max(384 * MiB, free // 25)
+        if s:
+            assert (s + 1) * row + margin <= free < (s + 2) * row + margin
+        else:
+            assert 2 * row + margin > free
+    assert 65 <= autofit.slots_after_load(int(8.61 * (1 << 30)), B, n_moe, E) <= 70
+    assert autofit.slots_after_load(1 << 40, B, n_moe, E) == E - 1
+
+
 def test_cli_prints_the_plan_and_stays_lossless(pair):
     t, d = pair
     lay = gguf_layout.describe(t)
