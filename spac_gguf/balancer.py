@@ -23,6 +23,8 @@ has not proven optimality within the time limit counts as a fallback.
 """
 from __future__ import annotations
 
+import math
+
 import os
 import sys
 import time
@@ -289,8 +291,9 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     of a layer's distinct misses the GPU uploads and computes, the rest going to the CPU meanwhile.
 
     For m expected misses per layer (distinct experts of `rows` rows x the recent miss rate) it
-    compares all on the GPU, m uploads (no host branch; row chunks when the pass exceeds the
-    slots), with the best split: n uploads while the CPU takes m - n after the host branch's fixed
+    compares all on the GPU, m uploads (no host branch) plus a stop per extra row chunk (a pass
+    whose experts can exceed the slots runs in chunks of slots // k rows, each planned at a stop of
+    its own), with the best split: n uploads while the CPU takes m - n after the host branch's fixed
     cost c0, n = (c0 + m cpu) / (upload + cpu) so that both pipes finish together. 1 means no host
     branch. (Slots the pass's own hits hold cannot take a miss with a host branch: the C side caps
     the loads at the free slots, so the split only fixes the order of magnitude there.)
@@ -309,11 +312,13 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     up = copy - gpu                                                       # the upload alone
     n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))
     t_split = max(n * up, hw.host_branch_s + (m - n) * cpu)
+    chunks = math.ceil(rows / max(1, n_slots // max(k, 1)))
+    t_gpu = m * up + (chunks - 1) * hw.stop_s
     if prev is None:
-        all_gpu = m * up <= t_split
+        all_gpu = t_gpu <= t_split
     elif prev >= 1.0:
-        all_gpu = not t_split < (1.0 - hysteresis) * m * up
+        all_gpu = not t_split < (1.0 - hysteresis) * t_gpu
     else:
-        all_gpu = m * up < (1.0 - hysteresis) * t_split
+        all_gpu = t_gpu < (1.0 - hysteresis) * t_split
     # a split keeps its graph (a host branch) even while the CPU's part is empty
     return 1.0 if all_gpu else min(float(n / m), 0.999)

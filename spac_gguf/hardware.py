@@ -38,6 +38,10 @@ class HardwareProfile:
     # activations down, the CPU's threads, results up, one more sync); fitted on the H200 from a
     # sweep of the in-pass share (docs/BENCHMARKS.md), a default elsewhere until measured
     host_branch_s: float = 2.5e-4
+    # one more stop of a pass per layer (a sync between GPU and host; the plan runs at one): a pass
+    # whose experts exceed the slots runs in row chunks, one stop each. Fitted on the H200 from K = 5
+    # verify passes, 3 chunks vs a split (docs/BENCHMARKS.md, "the split rule"): about 70 us
+    stop_s: float = 7e-5
 
     def row_scale(self, expert_bytes: int) -> float:
         """Factor on the per-row costs for experts of `expert_bytes`."""
@@ -172,6 +176,7 @@ def calibrate(name: str | None = None, base: str | HardwareProfile | None = None
         gpu_pass_s=b.gpu_pass_s if b else None,
         draft_s_per_token=b.draft_s_per_token if b else None,
         host_branch_s=b.host_branch_s if b else HardwareProfile.host_branch_s,
+        stop_s=b.stop_s if b else HardwareProfile.stop_s,
     )
 
 

@@ -135,7 +135,8 @@ def test_inpass_share_is_the_best_split(rows, miss_rate):
     max(n uploads, host-branch cost + (m - n) CPU experts)."""
     from spac_gguf.balancer import inpass_share
     hw = HardwareProfile("t", link_gbps=40.0, cpu_expert_gbps=50.0, cpu_s_per_expert_token=2e-6,
-                         gpu_s_per_expert_token=1e-7, gpu_pass_s=0.005, draft_s_per_token=0.002, host_branch_s=2e-4)
+                         gpu_s_per_expert_token=1e-7, gpu_pass_s=0.005, draft_s_per_token=0.002, host_branch_s=2e-4,
+                         stop_s=1e-4)
     B, k, E, S = 2_654_208, 8, 128, 21
     s = inpass_share(hw, B, rows, k, E, S, miss_rate)
     distinct = E * (1 - (1 - k / E) ** rows)
@@ -145,7 +146,8 @@ def test_inpass_share_is_the_best_split(rows, miss_rate):
     grid = np.linspace(0.0, m, 20001)
     t = np.maximum(grid * up, 2e-4 + (m - grid) * cpu)
     best_split = float(t.min())
-    if m * up <= best_split:
+    chunks = -(-rows // (S // k))                                 # all on the GPU: one stop per extra row chunk
+    if m * up + (chunks - 1) * 1e-4 <= best_split:
         assert s == 1.0
     else:
         assert s < 1.0
@@ -153,12 +155,27 @@ def test_inpass_share_is_the_best_split(rows, miss_rate):
         assert max(n * up, 2e-4 + (m - n) * cpu) <= best_split * (1 + 1e-3)
 
 
+def test_row_chunks_make_all_on_the_gpu_dearer():
+    """A verify pass whose experts exceed the slots runs all-GPU in row chunks, a stop each: with few
+    misses per layer (locality) the upload alone is cheaper than a split, the chunk stops are not."""
+    from spac_gguf.balancer import inpass_share
+    B, k, E, S = 2_654_208, 8, 128, 21
+    kw = dict(link_gbps=42.0, cpu_expert_gbps=45.0, cpu_s_per_expert_token=1e-6, gpu_s_per_expert_token=2e-7,
+              gpu_pass_s=0.006, draft_s_per_token=0.002, host_branch_s=2.5e-4)
+    free_stops = HardwareProfile("t", stop_s=0.0, **kw)
+    real_stops = HardwareProfile("t", stop_s=7e-5, **kw)
+    assert inpass_share(free_stops, B, 6, k, E, S, 0.06) == 1.0
+    assert inpass_share(real_stops, B, 6, k, E, S, 0.06) < 1.0
+    assert inpass_share(real_stops, B, 1, k, E, S, 0.06) == 1.0   # one row: one chunk, no extra stop
+
+
 def test_inpass_share_keeps_its_mode_near_the_break_even():
     """Around the miss rate where all-GPU and a split cost the same, the share does not flip between
     them pass by pass (each flip rebuilds graphs); a clear change of regime still switches."""
     from spac_gguf.balancer import inpass_share
     hw = HardwareProfile("t", link_gbps=40.0, cpu_expert_gbps=50.0, cpu_s_per_expert_token=2e-6,
-                         gpu_s_per_expert_token=1e-7, gpu_pass_s=0.005, draft_s_per_token=0.002, host_branch_s=2e-4)
+                         gpu_s_per_expert_token=1e-7, gpu_pass_s=0.005, draft_s_per_token=0.002, host_branch_s=2e-4,
+                         stop_s=0.0)
     B, k, E, S = 2_654_208, 8, 128, 21
     rates = np.linspace(0.05, 1.0, 400)
     fresh = [inpass_share(hw, B, 6, k, E, S, r) < 1.0 for r in rates]
