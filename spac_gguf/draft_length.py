@@ -16,12 +16,16 @@ Everything on the right is measured by the loop itself (its draft and verify tim
 drafts each pass accepted), so the choice follows the machine, the cache's state and the text.
 Estimates are running means that turn into exponential averages once warm, so they track drift
 (a warming expert cache makes verify rows cheaper) and start from priors that speculate.
-Now and then a round probes K*+1, K*-1 or the largest allowed K, in turn: without probes, a K that
-once looked bad (K = 0 above all, which observes no acceptance at all; or a K measured once while the
-machine was busy) would never be re-measured. Probes are at least `explore_every` rounds apart, and
-further when they are dear: after a probe expected to take x times a K* round, the next waits
-(x - 1) / explore_share rounds, so probing costs about `explore_share` of the time at most (a probe
-to K = 8 with a draft as slow as the target is rare).
+Now and then a round probes K*+1, K*-1, the largest allowed K or plain decoding (K = 0), in turn
+(skipping K* itself): without probes, a K that once looked bad (K = 0 above all, which observes no
+acceptance at all; or a K measured once while the machine was busy) would never be re-measured. The
+second round decodes plainly: verify time is far from linear in rows when extra rows route to
+experts that must be streamed (one row touches k experts, six rows up to 6k), so the one-row cost
+cannot be read off a line through the drafting rounds (seen on the H200: 15 ms for one row against
+50 ms for six, where the line said 37). Probes are at least `explore_every` rounds apart, and
+further when they are dear: a probe expected to take x times a K* round, at a rate r against K*'s
+r*, waits max(x - 1, x (1 - r / r*)) / explore_share rounds, so probing costs about
+`explore_share` of the time at most (a probe to K = 8 with a draft as slow as the target is rare).
 
 `DraftLength(adaptive=False)` is today's fixed K: min(draft_max, tokens still wanted, context room).
 """
@@ -71,16 +75,24 @@ class DraftLength:
         self._rounds += 1
         if not self._verify or self._draft.n == 0:
             return limit                         # nothing measured yet: speculate fully, to measure
+        if 1 not in self._verify and self.explore_every:
+            self.probing = True                  # then measure plain decoding once (see the docstring)
+            return 0
         rates = self.rates(limit)
         best = rates.index(max(rates))
         if self.explore_every and self._rounds >= self._next_probe:
-            self._probes += 1
-            k = (min(best + 1, limit), max(best - 1, 0), limit)[self._probes % 3]
+            cycle = (min(best + 1, limit), max(best - 1, 0), limit, 0)
+            for _ in cycle:                      # the next candidate in turn that is not K* itself
+                self._probes += 1
+                k = cycle[self._probes % len(cycle)]
+                if k != best:
+                    break
             wait = self.explore_every
             if k != best:
                 # round time = E[tokens] / rate; x = a probe round's time / a K* round's
                 x = (self._e_tokens(k) / rates[k]) / (self._e_tokens(best) / rates[best])
-                wait = max(wait, math.ceil((x - 1) / self.explore_share))
+                loss = max(x - 1.0, x * (1.0 - rates[k] / rates[best]))
+                wait = max(wait, math.ceil(loss / self.explore_share))
                 self.probing = True
             self._next_probe = self._rounds + wait
             return k

@@ -98,7 +98,7 @@ def test_high_acceptance_and_cheap_verify_converge_to_the_bound():
     ctl, probes = DraftLength(), []
     ks = simulate(ctl, [0.95] * 8, a=10.0, b=0.1, t_draft=0.2, limit=8, rounds=300, probes=probes)
     assert set(_non_probe(ks, probes, 100)) == {8}
-    assert set(k for k, p in zip(ks, probes) if p) == {7}     # K* - 1 (K* + 1 and the bound are K*)
+    assert set(k for k, p in zip(ks, probes) if p) == {0, 7}  # K* - 1 and plain decoding (K* + 1, the bound are K*)
     assert ctl.best(8) == 8
     assert ctl.counts[8] == ks.count(8) and sum(ctl.counts.values()) == len(ks)
 
@@ -172,6 +172,29 @@ def test_a_cold_start_does_not_keep_a_useless_draft():
         ctl.observe(K, 0, K * 0.002, 0.020)
     assert ctl.verify_time(1) <= ctl.verify_time(2) <= ctl.verify_time(5)
     assert ks[-20:].count(0) >= 18, ks
+
+
+def test_plain_decoding_is_measured_early_when_rows_cost_unevenly():
+    """Seen on the H200 (Qwen3-30B-A3B-shaped, 17 % cache, locality): one row costs 15 ms, six 50 ms,
+    because extra rows route to experts that must be streamed; with a 2 ms draft and acceptance 0.7,
+    K = 5 makes 49 tok/s and plain decoding 66. A line through the drafting rounds put one row at
+    ~37 ms and kept K = 5 for the whole 48-token run. Plain decoding is measured in the second round,
+    so the controller settles on it within a few rounds and stays there between probes."""
+    tv = {1: 0.015, 2: 0.024, 3: 0.031, 4: 0.039, 5: 0.045, 6: 0.050}
+    alpha = [0.7] * 5
+    rng = np.random.default_rng(3)
+    ctl, ks, probes = DraftLength(), [], []
+    for _ in range(40):
+        K = ctl.choose(5)
+        ks.append(K)
+        probes.append(ctl.probing)
+        n = 0
+        while n < K and rng.random() < alpha[n]:
+            n += 1
+        ctl.observe(K, n, K * 0.002, tv[K + 1])
+    assert ks[0] == 5 and ks[1] == 0
+    # K = 0..2 are within 6 % of each other here (66.7 / 65.4 / 62.6 tok/s): any of them, never the bound
+    assert set(_non_probe(ks, probes, 2)) <= {0, 1, 2}, ks
 
 
 def test_limit_is_respected_near_the_end():
