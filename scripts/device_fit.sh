@@ -24,7 +24,7 @@ for _ in $(seq 60); do [ -f /tmp/blocker.ready ] && break; sleep 1; done
 RUN="python3 -m spac_gguf.cli run $M/bench-target.gguf --draft $M/bench-draft.gguf -n 24 -p 'The sea'"
 echo "== 1. auto-fit"; eval "$RUN" 2>&1 | grep -vE "^\s*$" | tail -8; echo "exit ${PIPESTATUS[0]}"
 OUT1=$(eval "$RUN -n 1" 2>&1)   # the cache that ran: sized after loading, else the plan's
-SLOTS=$(echo "$OUT1" | sed -n 's/.*after loading: \([0-9]*\) slots per layer.*/\1/p' | head -1)
+SLOTS=$(echo "$OUT1" | sed -n 's/.*free after loading: \([0-9]*\) slots per layer.*/\1/p' | head -1)
 [ -n "$SLOTS" ] || SLOTS=$(echo "$OUT1" | sed -n 's/.*= \([0-9]*\) of [0-9]* per layer.*/\1/p' | head -1)
 if [ -n "$SLOTS" ]; then
   MORE=$(( SLOTS + (SLOTS + 9) / 10 ))

@@ -126,6 +126,9 @@ class RunConfig:
         p = load(target, draft, n_ctx=self.n_ctx, n_threads=self.threads, budget=self.budget,
                  calibration=self.calibration, draft_max=K, slots_on_host=True if self.slots_on_host else None,
                  pinned_experts=self.pinned_experts, inpass=self.inpass, **place)
+        for note in [n for n in p.notices if n.startswith("auto-fit: ")]:   # the plan block's last line
+            sys.stderr.write(f"  loaded       {note[len('auto-fit: '):]}\n")
+            p.notices.remove(note)
         return p, target, draft, K
 
 
