@@ -76,7 +76,6 @@ from spac_gguf.engine import InPass  # noqa: E402
 from spac_gguf.pair import ModelPair, PassObserver  # noqa: E402
 from spac_gguf.speculative import Drafter  # noqa: E402
 
-AR_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_ar_gpu")
 SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak")
 ADAPTIVE = ("spac_ak",)
 CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac", "lru_ar": "lru", "spac_ar": "spac",
@@ -86,7 +85,6 @@ CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac", "lru_ar"
 OFFLOAD1 = {"llama_ar_offload1": "llama_ar_cpu", "llama_sd_offload1": "llama_sd_cpu"}
 ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "lru_ar",
                "spac_ar", "llama_ar_gpu", *OFFLOAD1)
-BUDGETED = ("llama_ar_layers", "sd_lru", "sd_static", "spac", "spac_ak", "lru_ar", "spac_ar")
 ROUTINGS = ("model", "random", "qwen3-calibrated", "high-skew")
 
 PROMPTS = [
@@ -117,7 +115,7 @@ class OracleDrafter(Drafter):
         self.prompt_len = prompt_len
         self.cont = list(continuation)
         self.mask, self.replacement = mask, replacement
-        self.rounds = self.accepted = self.examined = self.drafted = 0
+        self.rounds = self.accepted = self.examined = 0
         self.diverged_at: int | None = None
         self._L = self._K = 0
 
@@ -146,7 +144,6 @@ class OracleDrafter(Drafter):
     def keep(self, n_valid: int) -> None:
         a = n_valid - self._L
         self.rounds += 1
-        self.drafted += self._K
         self.accepted += a
         self.examined += a + (1 if a < self._K else 0)
         super().keep(n_valid)
@@ -769,7 +766,7 @@ def main(argv=None) -> int:
     warm_cont, _ = run_once(ref, ref_probe, warm_prompt, a.tokens, 0, None)
     calib_path = None
     if need_calib:
-        tr_toks, trace = ref.record_trace(CALIB_PROMPT, max_tokens=a.calib_tokens, draft_max=0, stop_at_eog=False)
+        _, trace = ref.record_trace(CALIB_PROMPT, max_tokens=a.calib_tokens, draft_max=0, stop_at_eog=False)
         calib_path = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"spac-bench-calib-{os.getpid()}.npz")
         trace.save(calib_path)
         log(f"calibration trace: {trace.ids.shape[0]} rows")

@@ -25,8 +25,6 @@ from spac_gguf.simulator import lookahead, simulate, slots_per_layer  # noqa: E4
 
 POLICIES = ["static", "lru", "lfu", "spac", "oracle_budgeted", "belady"]
 BUDGETS = ["10%", "17%", "30%"]
-PUBLISHED = {"next_token_reuse": "0.45", "reuse_within": "0.80", "median_reuse_distance": "2",
-             "lru_hit_steady": "0.900–0.953", "lru_miss_warmup": "0.138", "new_per_layer_token": "0.38–0.80"}
 
 
 def real_traces(tokens: int, threads: int) -> dict:

@@ -164,9 +164,6 @@ class DraftLength:
             out.append(min(max(t, lo), hi) if lo <= hi else t)
         return out
 
-    def draft_time(self) -> float:
-        return self._draft.value
-
     def _e_tokens(self, K: int) -> float:
         e, reach = 1.0, 1.0
         for a in self.alpha(K):
@@ -185,9 +182,6 @@ class DraftLength:
                 e_tokens += reach
             out.append(e_tokens / (K * td + tv[K]))
         return out
-
-    def rate(self, K: int) -> float:
-        return self.rates(K)[K]
 
     def best(self, limit: int) -> int:
         """argmax_K rate(K) over 0..limit; ties go to the smaller K (less work for the same speed)."""

@@ -63,7 +63,6 @@ class Engine:
         self._sent: np.ndarray | None = None            # the priority the C side holds
         self._sent_share: float | None = None
         self._sent_direct = 0
-        self.direct_layers = 0                          # layers whose misses the GPU can read from host memory
         L = store.n_layers
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
         self.hits = self.misses = self.bytes_loaded = 0
@@ -89,7 +88,7 @@ class Engine:
                 share = self.split(rows, self.miss_rate, self._sent_share) if self.split is not None else 1.0
             set_direct = getattr(self.store, "set_direct", None)
             if set_direct is not None and self.inpass.direct_rows != self._sent_direct:
-                self.direct_layers = set_direct(self.inpass.direct_rows)
+                set_direct(self.inpass.direct_rows)     # layers without pinned GPU experts keep the other paths
                 self._sent_direct = self.inpass.direct_rows
             pr = np.asarray(self.priority(), np.float32)
             if self._sent is None or share != self._sent_share or not np.array_equal(pr, self._sent):

@@ -25,7 +25,7 @@ rejected drafts whose routing comes from the same process, branching off the com
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from numba import njit
@@ -191,11 +191,6 @@ def generate(loc: Locality | str = "qwen3-calibrated", *, n_layers: int = 48, n_
                 locality=dict(asdict(loc), preset=name, seed=seed, acceptance=acceptance))
     return RoutingTrace(ids=np.concatenate(ids), pass_start=np.concatenate(starts), accepted=np.concatenate(acc),
                         meta=meta)
-
-
-def with_params(name: str, **changes) -> Locality:
-    """A preset with some fields changed (for sweeps)."""
-    return replace(preset(name), **changes)
 
 
 # ---------------------------------------------------------------------------------------------

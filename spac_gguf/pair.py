@@ -150,7 +150,8 @@ class ModelPair:
         self.notices: list[str] = []                    # what changed of the request, said once (the CLI prints these)
         self.target_path, self.draft_path = str(target), (str(draft) if draft else None)
         self.layout = _describe(target, "target")
-        self.draft_layout = _describe(draft, "draft") if draft else None
+        if draft:
+            _describe(draft, "draft")                   # a bad draft file fails here, in one line
         self.is_moe = bool(self.layout.moe_layers)
         if experts_on_cpu is None:
             experts_on_cpu = n_gpu_layers != 0
