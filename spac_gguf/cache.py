@@ -7,6 +7,8 @@ completed asynchronous loads into published maps, passes the in-pass policy down
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from . import native
@@ -29,7 +31,9 @@ class ExpertCache:
         self.n_expert = max(i.n_expert for i in moe)
         self.k = max(i.n_expert_used for i in moe)
         self.expert_bytes = int(max(sum(i.expert_bytes) for i in moe))
-        native.check("cache_init", native.api.cache_init(ctx_ptr, n_slots, on_host))
+        params = native.api.cache_default_params()
+        params.n_slots, params.on_host = int(n_slots), bool(on_host)
+        native.check("cache_init", native.api.cache_init(ctx_ptr, ctypes.byref(params)))
         self.n_slots = n_slots
         self.cached_layers = np.array([native.layer_info(ctx_ptr, il).n_slots > 0 for il in range(self.n_layers)])
         self.slot_bytes = int(native.api.cache_bytes(ctx_ptr))

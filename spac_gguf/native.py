@@ -10,7 +10,7 @@ import numpy as np
 import llama_cpp.llama_cpp as llc
 
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
-API_VERSION = 4  # LLAMA_MOE_API_VERSION this package was written against
+API_VERSION = 5  # LLAMA_MOE_API_VERSION this package was written against
 SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_MAPPED = 0, 1, 2, 3   # llama_moe_slot_state
 ERR_ALLOC = -8                                                   # LLAMA_MOE_ERR_ALLOC
 
@@ -35,10 +35,15 @@ class LayerInfo(ctypes.Structure):
                 ("cacheable", ctypes.c_int32), ("expert_bytes", ctypes.c_uint64 * 3)]
 
 
+class CacheParams(ctypes.Structure):
+    _fields_ = [("n_slots", ctypes.c_int32), ("on_host", ctypes.c_bool)]
+
+
 _SIGS = {
     "llama_moe_n_layer": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_moe_get_layer_info": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(LayerInfo)], ctypes.c_int32),
-    "llama_moe_cache_init": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_bool], ctypes.c_int32),
+    "llama_moe_cache_default_params": ([], CacheParams),
+    "llama_moe_cache_init": ([ctypes.c_void_p, ctypes.POINTER(CacheParams)], ctypes.c_int32),
     "llama_moe_cache_bytes": ([ctypes.c_void_p], ctypes.c_uint64),
     "llama_moe_cache_free": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_moe_cache_load": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int64),

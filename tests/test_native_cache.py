@@ -1,6 +1,8 @@
 """The patched llama.cpp expert cache: exact split, slot bytes, misuse errors (CPU build, host slots)."""
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -188,7 +190,12 @@ def test_api_misuse_returns_error_codes(model):
     assert api.cache_set_map(ctx.ptr, il, m_ok.ctypes.data) == 0
     assert api.cache_load(ctx.ptr, il, 3, 0) == -4                         # slot 0 is mapped
     assert api.cache_poll(ctx.ptr, 10**9) == -9                            # unknown ticket
-    assert api.cache_init(ctx.ptr, 2, True) == -10                          # one cache per context
+    params = api.cache_default_params()
+    params.n_slots, params.on_host = 2, True
+    assert api.cache_init(ctx.ptr, ctypes.byref(params)) == -10             # one cache per context
+    params.n_slots = 0
+    assert api.cache_init(ctx.ptr, ctypes.byref(params)) == -10             # no slots
+    assert api.cache_init(ctx.ptr, None) == -10                             # no params
     del cache
 
 
