@@ -19,6 +19,8 @@ STATUS = {
     -4: "slot is mapped or loading", -5: "map names a slot that is not ready with that expert",
     -6: "no expert cache on this context", -7: "no layer of this model can be cached",
     -8: "could not allocate slot memory", -9: "unknown load ticket", -10: "bad argument",
+    -11: "the context has an expert cache already", -12: "an array argument is missing or too small",
+    -13: "routing export is off",
 }
 
 

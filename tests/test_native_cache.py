@@ -72,7 +72,7 @@ def test_split_is_bit_exact_with_random_maps(model, threads):
         want = sum(int((~cached[il][ids[il]]).sum()) for il in lay.moe_layers)
         assert cache.counters()["host_pairs"] - before == want
     assert hits > 0
-    # a 20-row batch (slot branch in chunks of 8) and a 40-row one (stock path) stay exact too
+    # a 20-row batch (slot branch in chunks of 4) and a 40-row one (stock path) stay exact too
     for n in (20, 40):
         _random_placement(cache, rng)
         chunk = [int(t) for t in rng.integers(100, 1000, size=n)]
@@ -192,10 +192,13 @@ def test_api_misuse_returns_error_codes(model):
     assert api.cache_poll(ctx.ptr, 10**9) == -9                            # unknown ticket
     params = api.cache_default_params()
     params.n_slots, params.on_host = 2, True
-    assert api.cache_init(ctx.ptr, ctypes.byref(params)) == -10             # one cache per context
+    assert api.cache_init(ctx.ptr, ctypes.byref(params)) == -11             # one cache per context
+    assert api.cache_counters(ctx.ptr, None, 6) == -12                      # no output array
+    fresh = LlamaContext(m, n_ctx=64, n_threads=1)
+    assert api.cache_init(fresh.ptr, None) == -10                           # no params
     params.n_slots = 0
-    assert api.cache_init(ctx.ptr, ctypes.byref(params)) == -10             # no slots
-    assert api.cache_init(ctx.ptr, None) == -10                             # no params
+    assert api.cache_init(fresh.ptr, ctypes.byref(params)) == -10           # no slots
+    assert api.routing_get(fresh.ptr, lay.moe_layers[0], None, 0) == -13    # routing export off
     del cache
 
 
@@ -339,3 +342,14 @@ def test_routing_replay_computes_the_given_experts(model, threads):
     if k > 1:
         with pytest.raises(native.NativeError):
             native.replay(ctx.ptr, lay.moe_layers[0], np.zeros((1, k), np.int32))          # repeated id
+
+
+def test_status_table_matches_the_patched_header():
+    """native.STATUS names every llama_moe_status of the patch's llama.h, and nothing else."""
+    import re
+    from pathlib import Path
+    patch = (Path(__file__).resolve().parent.parent / "patches" / "0001-moe-expert-cache.patch").read_text()
+    codes = {int(v) for v in re.findall(r"^\+\s+LLAMA_MOE_(?:OK|ERR_\w+)\s*=\s*(-?\d+),", patch, re.M)}
+    assert len(codes) >= 10
+    assert codes == set(native.STATUS)
+    assert int(re.search(r"#define LLAMA_MOE_API_VERSION (\d+)", patch).group(1)) == native.API_VERSION
