@@ -59,7 +59,7 @@ class Engine:
         self.inpass = inpass
         self.plan_every = max(1, int(plan_every))      # plan loads after every n-th pass (link bytes x n)
         self._passes = 0
-        self.split = split                              # (rows, miss rate, last share) -> share, when inpass.share is None
+        self.split = split                              # (rows, miss rate, last share, reuse=) -> share, when inpass.share is None
         self._sent: np.ndarray | None = None            # the priority the C side holds
         self._sent_share: float | None = None
         self._sent_direct = 0
@@ -67,6 +67,8 @@ class Engine:
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
         self.hits = self.misses = self.bytes_loaded = 0
         self.miss_rate = 1.0                            # a cold cache misses everything
+        self.reuse = 0.0                                # share of a pass's misses the next pass routes again (EMA)
+        self._missed: np.ndarray | None = None          # [n_layers, n_expert]: the last pass's misses
         self.solve_s: list[float] = []
 
     def _sync(self) -> None:
@@ -85,7 +87,8 @@ class Engine:
         if self.inpass is not None:
             share = self.inpass.share
             if share is None:
-                share = self.split(rows, self.miss_rate, self._sent_share) if self.split is not None else 1.0
+                share = (self.split(rows, self.miss_rate, self._sent_share, reuse=self.reuse)
+                         if self.split is not None else 1.0)
             set_direct = getattr(self.store, "set_direct", None)
             if set_direct is not None and self.inpass.direct_rows != self._sent_direct:
                 set_direct(self.inpass.direct_rows)     # layers without pinned GPU experts keep the other paths
@@ -110,6 +113,11 @@ class Engine:
         self.misses += n - h
         if n:                                           # recent miss rate (EMA over passes) for the split
             self.miss_rate += 0.2 * ((n - h) / n - self.miss_rate)
+            routed = np.zeros_like(self.live)
+            routed[l[ok], ids[ok]] = True
+            if self._missed is not None and self._missed.any():   # locality: what an upload spares later
+                self.reuse += 0.2 * ((self._missed & routed).sum() / self._missed.sum() - self.reuse)
+            self._missed = routed & ~self.live
         self.policy.observe(ids, accepted)
         self._passes += 1
         if self._passes % self.plan_every:

@@ -284,8 +284,8 @@ class ModelPair:
         elif inpass:
             ip = InPass(share=None, routed_bonus=1.0) if policy == "spac" else InPass()
         c = self.cache
-        def split(rows: int, miss_rate: float, prev: float | None = None) -> float:
-            return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate, prev)
+        def split(rows: int, miss_rate: float, prev: float | None = None, reuse: float = 0.0) -> float:
+            return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate, prev, reuse=reuse)
         self._profile = profile
         self.engine = Engine(c, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
                              plan_every=4 if ip is not None and policy == "spac" else 1, split=split)

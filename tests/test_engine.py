@@ -98,11 +98,11 @@ def test_share_none_takes_the_balancers_split_per_pass():
             self.sent.append(share)
 
     store = Store(2, 8, 2, 1000, link_gbps=1.0)
-    eng = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=None), split=lambda rows, miss_rate, prev=None: 1.0 if rows == 1 else 0.5)
+    eng = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=None), split=lambda rows, miss_rate, prev=None, reuse=0.0: 1.0 if rows == 1 else 0.5)
     for rows in (1, 1, 6, 6, 1):
         eng.before_verify(rows)
     assert store.sent == [1.0, 0.5, 1.0]
-    fixed = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=0.25), split=lambda rows, miss_rate, prev=None: 0.5)
+    fixed = Engine(store, LRUPolicy(2, 8, 1000), 0, inpass=InPass(share=0.25), split=lambda rows, miss_rate, prev=None, reuse=0.0: 0.5)
     store.sent.clear()
     fixed.before_verify(6)
     assert store.sent == [0.25]
@@ -122,3 +122,29 @@ def test_the_calls_K_sets_the_link_bytes_per_round():
             assert p.engine.link_bytes == hw.link_bytes_during_draft(max(K, 1))
     finally:
         p.close()
+
+
+def test_reuse_is_the_share_of_misses_the_next_pass_routes_again():
+    """The engine measures locality for the split: of a pass's misses, the share the next pass routes
+    again (an upload of them would have been a hit). Same experts every pass: 1; disjoint: 0."""
+    store = SimulatedSlotStore(2, 16, 2, 1000, link_gbps=1.0)
+    same = Engine(store, LRUPolicy(2, 16, 1000), 0)
+    ids = np.array([[[3, 4], [5, 6]]], np.int32)                # [rows, layers, k]
+    for _ in range(30):
+        same.before_verify(1)
+        same.after_verify(ids, 0)
+    assert same.reuse > 0.99
+    store = SimulatedSlotStore(2, 16, 2, 1000, link_gbps=1.0)
+    moving = Engine(store, LRUPolicy(2, 16, 1000), 0)
+    for t in range(30):
+        moving.before_verify(1)
+        e = 2 * (t % 8)                                         # never the last pass's experts
+        moving.after_verify(np.array([[[e, e + 1], [e, e + 1]]], np.int32), 0)
+    assert moving.reuse < 1e-6
+    # half of each pass's misses come back next pass
+    store = SimulatedSlotStore(1, 16, 1, 1000, link_gbps=1.0)
+    half = Engine(store, LRUPolicy(1, 16, 1000), 0)
+    for t in range(60):
+        half.before_verify(1)
+        half.after_verify(np.array([[[t % 16, (t + 1) % 16]]], np.int32), 0)
+    assert abs(half.reuse - 0.5) < 0.05
