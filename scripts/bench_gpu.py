@@ -251,6 +251,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
     probe.reset()
     c0 = cache_counters(pair)
     n0 = pair.cache.counters() if pair.cache is not None and native.available() else None
+    e0 = dict(pair.engine.timers) if pair.engine is not None else {}
     out, st = [], None
     for tok in pair.generate(prompt, max_tokens=n, draft_max=K, adaptive=adaptive, stop_at_eog=False,
                              drafter=drafter, observer=probe):
@@ -258,6 +259,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         st = tok.stats
     c1 = cache_counters(pair)
     n1 = pair.cache.counters() if n0 is not None else None
+    e1 = dict(pair.engine.timers) if pair.engine is not None else {}
     dec = probe.decodes[1:] if len(prompt) > 1 else probe.decodes      # first call is the prefill
     gen_s = st.t_last - st.t_start - st.t_prefill
     m = {
@@ -273,6 +275,9 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "direct_passes": (n1["direct_passes"] - n0["direct_passes"]) if n0 else 0,   # layer-passes read from host
         "routing_seen": bool(probe.unique),
         "replay_rows_checked": probe.replay_checked, "replay_rows_mismatched": probe.replay_mismatched,
+        # where the engine's time goes, ms per target pass (ledger reads, poll/publish, the in-pass
+        # policy, hit counting, the estimator, the plan's view, the plan, issuing loads)
+        "engine_ms_per_pass": {k: 1e3 * (v - e0.get(k, 0.0)) / max(st.n_target_passes, 1) for k, v in e1.items()},
         "breakdown": {
             "total_s": gen_s, "draft_s": st.t_draft, "verify_s": st.t_verify,
             "target_decode_s": float(sum(t for _, t in dec)),

@@ -70,6 +70,12 @@ class Engine:
         self.reuse = 0.0                                # share of a pass's misses the next pass routes again (EMA)
         self._missed: np.ndarray | None = None          # [n_layers, n_expert]: the last pass's misses
         self.solve_s: list[float] = []
+        self.timers: dict[str, float] = {}              # seconds per step, summed (benchmarks read them)
+
+    def _lap(self, what: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.timers[what] = self.timers.get(what, 0.0) + (t - t0)
+        return t
 
     def _sync(self) -> None:
         sync = getattr(self.store, "sync", None)
@@ -77,13 +83,16 @@ class Engine:
             sync()                                          # in-pass loads (any decode, prompts too) moved slots
 
     def before_verify(self, rows: int = 1) -> None:
+        t = time.perf_counter()
         self._sync()
+        t = self._lap("ledger", t)
         self.store.poll()
         self.store.publish()
         res = self.store.resident()
         self.live[:] = False
         l, s = np.nonzero(res >= 0)
         self.live[l, res[l, s]] = True
+        t = self._lap("poll_publish", t)
         if self.inpass is not None:
             share = self.inpass.share
             if share is None:
@@ -97,6 +106,7 @@ class Engine:
             if self._sent is None or share != self._sent_share or not np.array_equal(pr, self._sent):
                 self.store.set_inpass(share, self.inpass.max_loads, pr, self.inpass.routed_bonus)
                 self._sent, self._sent_share = pr, share
+            self._lap("inpass_policy", t)
 
     def priority(self) -> np.ndarray:
         """[n_layers, n_expert]: which experts deserve a slot (the estimator's utility, else the policy's score)."""
@@ -104,7 +114,9 @@ class Engine:
         return est.demand() if est is not None else self.policy.score()
 
     def after_verify(self, ids: np.ndarray, accepted: int) -> None:
+        t = time.perf_counter()
         self._sync()
+        t = self._lap("ledger", t)
         ids = np.asarray(ids, np.int32)
         ok = ids >= 0
         l = np.broadcast_to(np.arange(ids.shape[1])[None, :, None], ids.shape)
@@ -118,7 +130,9 @@ class Engine:
             if self._missed is not None and self._missed.any():   # locality: what an upload spares later
                 self.reuse += 0.2 * ((self._missed & routed).sum() / self._missed.sum() - self.reuse)
             self._missed = routed & ~self.live
+        t = self._lap("hits", t)
         self.policy.observe(ids, accepted)
+        t = self._lap("observe", t)
         self._passes += 1
         if self._passes % self.plan_every:
             return
@@ -128,9 +142,10 @@ class Engine:
         for (ll, s), e in loading.items():
             view[ll, s] = e
         link_left = self.link_bytes * self.plan_every - len(loading) * self.store.expert_bytes
-        t = time.perf_counter()
+        t = self._lap("plan_view", t)
         loads = self.policy.plan(view, max(0, link_left))
         self.solve_s.append(time.perf_counter() - t)
+        t = self._lap("plan", t)
         B = self.store.expert_bytes
         for ll, e, s in loads:
             if link_left < B or (ll, s) in loading or (view[ll] == e).any():
@@ -140,6 +155,7 @@ class Engine:
             view[ll, s] = e
             link_left -= B
             self.bytes_loaded += B
+        self._lap("issue_loads", t)
 
     def cached(self) -> np.ndarray:
         """bool [n_layers, n_expert]: experts the current maps point at."""
