@@ -1,6 +1,6 @@
 """Random-weight benchmark pair shaped like Qwen3-30B-A3B (target) and Qwen3-0.6B (draft), written fast.
 
-    make_bench_model.py --out DIR [--scale full|small] [--vocab ggml-vocab-qwen2.gguf] [--only target|draft]
+    make_bench_model.py --out DIR [--scale full|small|layout] [--vocab ggml-vocab-qwen2.gguf] [--only target|draft]
 
 Writes DIR/bench-target.gguf (qwen3moe: 48 layers, 128 experts, top-8, n_embd 2048, expert n_ff 768,
 32 heads / 4 KV heads of 128, qk norms, Q4_K experts, Q8_0 attention/embeddings; ≈ 17.3 GB) and
@@ -75,6 +75,10 @@ SCALES = {
              Shape("qwen3", 28, 1024, 16, 8, 128, 3072)),
     "small": (Shape("qwen3moe", 4, 256, 4, 2, 64, 1024, 16, 4, 256),
               Shape("qwen3", 2, 256, 4, 2, 64, 512)),
+    # the full target's layout (48 layers x 128 experts, top-8) at toy width: the per-pass Python work
+    # (routing, estimator, plan, maps) as on the GPU, on a CPU
+    "layout": (Shape("qwen3moe", 48, 256, 4, 2, 64, 1024, 128, 8, 256),
+               Shape("qwen3", 2, 256, 4, 2, 64, 512)),
 }
 
 
