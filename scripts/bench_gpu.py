@@ -273,6 +273,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "inpass_loads": (n1["inpass_loads"] - n0["inpass_loads"]) if n0 else 0,
         "inpass_bytes": (n1["inpass_bytes"] - n0["inpass_bytes"]) if n0 else 0,
         "direct_passes": (n1["direct_passes"] - n0["direct_passes"]) if n0 else 0,   # layer-passes read from host
+        "inpass_wait_s": (n1["inpass_wait_s"] - n0["inpass_wait_s"]) if n0 else 0.0,  # plans waiting for async loads
         "routing_seen": bool(probe.unique),
         "replay_rows_checked": probe.replay_checked, "replay_rows_mismatched": probe.replay_mismatched,
         # where the engine's time goes, ms per target pass (ledger reads, poll/publish, the in-pass
@@ -579,7 +580,7 @@ def aggregate(runs: list[dict]) -> dict:
     agg = {"tps": statistics.median(tps), "tps_runs": tps, "repeats": len(runs),
            "tps_min": min(tps), "tps_max": max(tps)}
     for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts",
-              "inpass_loads", "inpass_bytes", "direct_passes"):
+              "inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s"):
         agg[k] = float(np.mean([r[k] for r in runs]))
     acc = [r["acceptance"] for r in runs if r["acceptance"] is not None]
     agg["acceptance"] = float(np.mean(acc)) if acc else None

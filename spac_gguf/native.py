@@ -110,12 +110,13 @@ DIRECT_MAX_ROWS = 4  # LLAMA_MOE_DIRECT_MAX_ROWS
 
 def counters(ctx_ptr) -> dict:
     """In-pass and asynchronous loads since cache_init (count, bytes), (row, expert) pairs the host
-    computed, and layer-passes that read their misses straight from pinned host memory."""
-    out = (ctypes.c_uint64 * 6)()
-    check("cache_counters", api.cache_counters(ctx_ptr, out, 6))
+    computed, layer-passes that read their misses straight from pinned host memory, and the time
+    in-pass plans waited for asynchronous loads (a routed miss still loading)."""
+    out = (ctypes.c_uint64 * 7)()
+    check("cache_counters", api.cache_counters(ctx_ptr, out, 7))
     return {"inpass_loads": int(out[0]), "inpass_bytes": int(out[1]),
             "async_loads": int(out[2]), "async_bytes": int(out[3]), "host_pairs": int(out[4]),
-            "direct_passes": int(out[5])}
+            "direct_passes": int(out[5]), "inpass_wait_s": int(out[6]) * 1e-6}
 
 
 def replay(ctx_ptr, il: int, ids: np.ndarray | None) -> None:
