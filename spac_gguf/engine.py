@@ -68,7 +68,7 @@ class Engine:
         self.hits = self.misses = self.bytes_loaded = 0
         self.miss_rate = 1.0                            # a cold cache misses everything
         self.reuse = 0.0                                # share of a pass's misses the next pass routes again (EMA)
-        self._missed: np.ndarray | None = None          # [n_layers, n_expert]: the last pass's misses
+        self._missed: np.ndarray | None = None          # [n_layers * n_expert]: the last pass's misses
         self.solve_s: list[float] = []
         self.timers: dict[str, float] = {}              # seconds per step, summed (benchmarks read them)
 
@@ -118,18 +118,20 @@ class Engine:
         self._sync()
         t = self._lap("ledger", t)
         ids = np.asarray(ids, np.int32)
-        ok = ids >= 0
-        l = np.broadcast_to(np.arange(ids.shape[1])[None, :, None], ids.shape)
-        h, n = int(self.live[l[ok], ids[ok]].sum()), int(ok.sum())
+        E = self.live.shape[1]
+        flat = (np.arange(ids.shape[1])[None, :, None] * E + ids)[ids >= 0]   # (layer, expert) of each routed entry
+        live = self.live.reshape(-1)
+        h, n = int(np.count_nonzero(live[flat])), int(flat.size)
         self.hits += h
         self.misses += n - h
         if n:                                           # recent miss rate (EMA over passes) for the split
             self.miss_rate += 0.2 * ((n - h) / n - self.miss_rate)
-            routed = np.zeros_like(self.live)
-            routed[l[ok], ids[ok]] = True
+            routed = np.zeros(live.size, bool)
+            routed[flat] = True
             if self._missed is not None and self._missed.any():   # locality: what an upload spares later
-                self.reuse += 0.2 * ((self._missed & routed).sum() / self._missed.sum() - self.reuse)
-            self._missed = routed & ~self.live
+                both = np.count_nonzero(self._missed & routed)
+                self.reuse += 0.2 * (both / np.count_nonzero(self._missed) - self.reuse)
+            self._missed = routed & ~live
         t = self._lap("hits", t)
         self.policy.observe(ids, accepted)
         t = self._lap("observe", t)
