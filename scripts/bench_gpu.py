@@ -597,6 +597,8 @@ def aggregate(runs: list[dict]) -> dict:
     agg["replay_rows_checked"] = sum(r["replay_rows_checked"] for r in runs)
     agg["replay_rows_mismatched"] = sum(r["replay_rows_mismatched"] for r in runs)
     agg["breakdown"] = {k: float(np.mean([r["breakdown"][k] for r in runs])) for k in runs[0]["breakdown"]}
+    steps = sorted({k for r in runs for k in r["engine_ms_per_pass"]})
+    agg["engine_ms_per_pass"] = {k: float(np.mean([r["engine_ms_per_pass"].get(k, 0.0) for r in runs])) for k in steps}
     n = agg["hits"] + agg["misses"]
     agg["hit_rate"] = agg["hits"] / n if n else None
     return agg

@@ -13,7 +13,8 @@ SKIP_TESTS=$([ "${TESTS:-0}" = 1 ] && echo 0 || echo 1) bash scripts/device_test
 export PYTHONPATH=/tmp/site:$PWD
 M=/tmp/spac-bench-full
 [ -f $M/bench-target.gguf ] || python3 scripts/make_bench_model.py --out $M --scale full --vocab .dev/vocab/ggml-vocab-qwen2.gguf | tail -1
-LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) - ${FIT_S:-110} ))
+LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) - $([ "${FIT:-1}" = 1 ] && echo "${FIT_S:-110}" || echo 0) ))
+[ "$LEFT" -gt 90 ] || { echo "only $LEFT s left after the build: no benchmark"; exit 1; }
 timeout $(( LEFT - 5 )) python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf \
     --routing random,qwen3-calibrated --budgets 0.17 --acceptances 0.7 --repeats 2 --out "$OUT/matrix.json" \
     --systems ${SYSTEMS:-llama_ar_cpu,llama_sd_cpu,sd_lru,spac,spac_ar} --time-limit $(( LEFT - 40 )) > "$OUT/matrix.log" 2>&1

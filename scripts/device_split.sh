@@ -4,7 +4,7 @@
 # (spac), replayed random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor.
 # FIT=1 also runs scripts/device_fit.sh. A share written `S:NAME` runs with the environment variable
 # NAME=1, `S:NAME=VALUE` with that value (an A/B switch); `S+dN` adds --spac-direct N (passes of <= N
-# rows read their misses from pinned host memory on the GPU).
+# rows read their misses from pinned host memory on the GPU); both: `S+dN:NAME=VALUE`.
 #   SHARES="0.7 1 auto auto+d1" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
 # Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab (see scripts/device_test.sh).
 set -uo pipefail
@@ -22,6 +22,7 @@ first=1
 for entry in $SHARES; do
   sh=${entry%%:*}; mode=${entry#*:}; [ "$mode" = "$entry" ] && mode=""
   direct=0; case $sh in *+d*) direct=${sh#*+d}; sh=${sh%%+d*};; esac
+  case $direct in ''|*[!0-9]*) echo "entry $entry: write S+dN with N a number (S+dN:ENV=VALUE)"; continue;; esac
   case $mode in ""|*=*) ;; *) mode=$mode=1;; esac
   LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) ))
   [ "$LEFT" -gt 60 ] || { echo "no time left for share $entry"; break; }

@@ -301,7 +301,9 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
 
     An upload also leaves the expert in a slot: with probability `reuse` (measured by the engine: the
     share of a pass's misses that the next pass routes again) it spares the next pass that upload, so
-    an upload is priced at upload x (1 - reuse); the CPU's work on a miss leaves nothing behind. With
+    each option is priced at its pass time less reuse x its uploads' time (the CPU's work on a miss
+    leaves nothing behind). The split point stays where both pipes of this pass finish together:
+    beyond it more uploads lengthen the pass by more than they spare later. With
     locality (reuse 0.45 for Qwen3-30B-A3B) this keeps plain decoding all on the GPU, as measured on
     the H200 (71 vs 56 tok/s for a split); with random routing a split still wins.
 
@@ -316,11 +318,12 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     if m <= 0.0:                                                          # nothing to split: keep the graph
         return 1.0 if prev is None or prev >= 1.0 else 0.999
     cpu, gpu, copy = hw.expert_costs(rows * k / max(distinct, 1.0), expert_bytes)
-    up = (copy - gpu) * (1.0 - min(max(float(reuse), 0.0), 0.95))        # the upload, less what it spares later
+    up = copy - gpu                                                       # the upload alone
+    r = min(max(float(reuse), 0.0), 0.95)
     n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))
-    t_split = max(n * up, hw.host_branch_s + (m - n) * cpu)
+    t_split = max(n * up, hw.host_branch_s + (m - n) * cpu) - r * n * up  # less the uploads it spares later
     chunks = math.ceil(rows / max(1, n_slots // max(k, 1)))
-    t_gpu = m * up + (chunks - 1) * hw.stop_s
+    t_gpu = m * up * (1.0 - r) + (chunks - 1) * hw.stop_s
     if prev is None:
         all_gpu = t_gpu <= t_split
     elif prev >= 1.0:

@@ -37,6 +37,10 @@ class InPass:
     routed_bonus: float = math.inf
     direct_rows: int = 0
 
+    def __post_init__(self):
+        if not 0 <= self.direct_rows <= 4:              # LLAMA_MOE_DIRECT_MAX_ROWS
+            raise ValueError(f"direct_rows must be in 0..4, not {self.direct_rows}")
+
 
 class SlotStore(Protocol):
     n_layers: int
@@ -67,7 +71,7 @@ class Engine:
         self.live = np.zeros((L, store.n_expert), bool)       # published: what the next verify reads
         self.hits = self.misses = self.bytes_loaded = 0
         self.miss_rate = 1.0                            # a cold cache misses everything
-        self.reuse = 0.0                                # share of a pass's misses the next pass routes again (EMA)
+        self.reuse: dict[int, float] = {}               # rows -> share of the last pass's misses a pass of that many rows routes again (EMA)
         self._missed: np.ndarray | None = None          # [n_layers * n_expert]: the last pass's misses
         self.solve_s: list[float] = []
         self.timers: dict[str, float] = {}              # seconds per step, summed (benchmarks read them)
@@ -96,7 +100,7 @@ class Engine:
         if self.inpass is not None:
             share = self.inpass.share
             if share is None:
-                share = (self.split(rows, self.miss_rate, self._sent_share, reuse=self.reuse)
+                share = (self.split(rows, self.miss_rate, self._sent_share, reuse=self.reuse_for(rows))
                          if self.split is not None else 1.0)
             set_direct = getattr(self.store, "set_direct", None)
             if set_direct is not None and self.inpass.direct_rows != self._sent_direct:
@@ -107,6 +111,13 @@ class Engine:
                 self.store.set_inpass(share, self.inpass.max_loads, pr, self.inpass.routed_bonus)
                 self._sent, self._sent_share = pr, share
             self._lap("inpass_policy", t)
+
+    def reuse_for(self, rows: int) -> float:
+        """The measured reuse for passes of `rows` rows (more rows route more experts, so reuse grows
+        with them), else that of the nearest row count measured, else 0."""
+        if not self.reuse:
+            return 0.0
+        return self.reuse[min(self.reuse, key=lambda r: (abs(r - rows), r))]
 
     def priority(self) -> np.ndarray:
         """[n_layers, n_expert]: which experts deserve a slot (the estimator's utility, else the policy's score)."""
@@ -129,8 +140,9 @@ class Engine:
             routed = np.zeros(live.size, bool)
             routed[flat] = True
             if self._missed is not None and self._missed.any():   # locality: what an upload spares later
-                both = np.count_nonzero(self._missed & routed)
-                self.reuse += 0.2 * (both / np.count_nonzero(self._missed) - self.reuse)
+                seen = np.count_nonzero(self._missed & routed) / np.count_nonzero(self._missed)
+                r = self.reuse.get(ids.shape[0])
+                self.reuse[ids.shape[0]] = seen if r is None else r + 0.2 * (seen - r)
             self._missed = routed & ~live
         t = self._lap("hits", t)
         self.policy.observe(ids, accepted)

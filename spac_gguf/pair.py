@@ -188,7 +188,10 @@ class ModelPair:
             on_host = slots_on_host if slots_on_host is not None else n_gpu_layers == 0
             if fit_cache and cache_slots and not on_host:
                 cache_slots = self._slots_from_free_memory(cache_slots)
-            self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max, on_host, inpass)
+            if cache_slots == 0:                        # no room after all: experts on the CPU, no cache
+                self.policy_name = "none"
+            else:
+                self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max, on_host, inpass)
         self.verifier = TargetVerifier(self.target_ctx, self.routing, self.engine)
         # one caller at a time: a generation owns both KV caches and the expert cache until it ends
         self._busy = threading.Lock()
@@ -211,7 +214,9 @@ class ModelPair:
         lay = self.layout
         slots = slots_after_load(mem.free, lay.bytes_per_expert, len(lay.moe_layers), lay.n_expert)
         if slots < 1:
-            return planned                              # let the allocation say it in its one line
+            self.notices.append(f"auto-fit: {mem.free / 2**30:.2f} GiB free after loading: no room for an expert "
+                                "cache, the CPU computes the experts")
+            return 0
         if slots != planned:
             self.notices.append(f"auto-fit: {mem.free / 2**30:.2f} GiB free after loading: {slots} slots per layer "
                                 f"({slots / lay.n_expert:.0%}), the plan said {planned}")

@@ -155,10 +155,12 @@ def test_inpass_share_is_the_best_split(rows, miss_rate):
         assert max(n * up, 2e-4 + (m - n) * cpu) <= best_split * (1 + 1e-3)
 
 
-@pytest.mark.parametrize("rows,miss_rate,reuse", [(1, 0.25, 0.45), (1, 0.84, 0.06), (6, 0.7, 0.3), (6, 0.25, 0.45)])
+@pytest.mark.parametrize("rows,miss_rate,reuse", [(1, 0.25, 0.45), (1, 0.84, 0.06), (6, 0.7, 0.3), (6, 0.25, 0.45),
+                                                   (6, 0.5, 0.45)])
 def test_uploads_that_are_reused_are_cheaper(rows, miss_rate, reuse):
-    """An upload spares the next pass that upload with probability `reuse`: the split is the brute-force
-    best with uploads priced at up x (1 - reuse), and more locality never lowers the share."""
+    """An upload spares the next pass that upload with probability `reuse`: each option costs its pass
+    time less reuse x its uploads' time; the share is the brute-force best of that, and more locality
+    never lowers it."""
     from spac_gguf.balancer import inpass_share
     hw = HardwareProfile("t", link_gbps=42.0, cpu_expert_gbps=45.0, cpu_s_per_expert_token=1e-6,
                          gpu_s_per_expert_token=2e-7, gpu_pass_s=0.006, draft_s_per_token=0.002, host_branch_s=2.5e-4,
@@ -167,15 +169,16 @@ def test_uploads_that_are_reused_are_cheaper(rows, miss_rate, reuse):
     s = inpass_share(hw, B, rows, k, E, S, miss_rate, reuse=reuse)
     distinct = E * (1 - (1 - k / E) ** rows)
     m = distinct * miss_rate
-    up = B / 42e9 * (1 - reuse)
+    up = B / 42e9
     cpu = B / 45e9 + rows * k / distinct * 1e-6 * B / 2_654_208
     grid = np.linspace(0.0, m, 20001)
-    best_split = float(np.maximum(grid * up, 2.5e-4 + (m - grid) * cpu).min())
+    cost = lambda n: np.maximum(n * up, 2.5e-4 + (m - n) * cpu) - reuse * n * up   # noqa: E731
+    best_split = float(cost(grid).min())
     chunks = -(-rows // (S // k))
-    if m * up + (chunks - 1) * 7e-5 <= best_split:
+    if m * up * (1 - reuse) + (chunks - 1) * 7e-5 <= best_split:
         assert s == 1.0
     else:
-        assert s < 1.0 and max(s * m * up, 2.5e-4 + (m - s * m) * cpu) <= best_split * (1 + 1e-3)
+        assert s < 1.0 and float(cost(s * m)) <= best_split + 1e-3 * abs(best_split)
     shares = [inpass_share(hw, B, rows, k, E, S, miss_rate, reuse=r) for r in (0.0, 0.2, 0.45, 0.8)]
     assert shares == sorted(shares)
 

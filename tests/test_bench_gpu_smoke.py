@@ -44,3 +44,6 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     assert rows["spac_ar"]["draft_max"] == 0 and rows["spac_ar"]["acceptance"] is None
     assert rows["llama_ar_offload1"]["config"]["GGML_OP_OFFLOAD_MIN_BATCH"] == 1
     assert rows["spac"]["hits"] + rows["spac"]["misses"] > 0   # the cache saw the replayed routing
+    steps = rows["spac"]["engine_ms_per_pass"]                  # where the engine's time goes reaches the JSON
+    assert {"ledger", "observe", "plan"} <= set(steps) and all(v >= 0 for v in steps.values())
+    assert rows["llama_ar_cpu"]["engine_ms_per_pass"] == {}

@@ -125,26 +125,27 @@ def test_the_calls_K_sets_the_link_bytes_per_round():
 
 
 def test_reuse_is_the_share_of_misses_the_next_pass_routes_again():
-    """The engine measures locality for the split: of a pass's misses, the share the next pass routes
-    again (an upload of them would have been a hit). Same experts every pass: 1; disjoint: 0."""
+    """The engine measures locality for the split, per row count: of a pass's misses, the share the
+    next pass routes again (an upload of them would have been a hit). Same experts every pass: 1;
+    then disjoint ones: it falls to 0; half of them back: 0.5; a row count never seen takes the
+    nearest one measured."""
     store = SimulatedSlotStore(2, 16, 2, 1000, link_gbps=1.0)
-    same = Engine(store, LRUPolicy(2, 16, 1000), 0)
+    eng = Engine(store, LRUPolicy(2, 16, 1000), 0)
+    assert eng.reuse_for(1) == 0.0
     ids = np.array([[[3, 4], [5, 6]]], np.int32)                # [rows, layers, k]
     for _ in range(30):
-        same.before_verify(1)
-        same.after_verify(ids, 0)
-    assert same.reuse > 0.99
-    store = SimulatedSlotStore(2, 16, 2, 1000, link_gbps=1.0)
-    moving = Engine(store, LRUPolicy(2, 16, 1000), 0)
+        eng.before_verify(1)
+        eng.after_verify(ids, 0)
+    assert eng.reuse_for(1) > 0.99
     for t in range(30):
-        moving.before_verify(1)
+        eng.before_verify(1)
         e = 2 * (t % 8)                                         # never the last pass's experts
-        moving.after_verify(np.array([[[e, e + 1], [e, e + 1]]], np.int32), 0)
-    assert moving.reuse < 1e-6
-    # half of each pass's misses come back next pass
+        eng.after_verify(np.array([[[e, e + 1], [e, e + 1]]], np.int32), 0)
+    assert eng.reuse_for(1) < 0.01
     store = SimulatedSlotStore(1, 16, 1, 1000, link_gbps=1.0)
     half = Engine(store, LRUPolicy(1, 16, 1000), 0)
     for t in range(60):
-        half.before_verify(1)
-        half.after_verify(np.array([[[t % 16, (t + 1) % 16]]], np.int32), 0)
-    assert abs(half.reuse - 0.5) < 0.05
+        half.before_verify(2)
+        half.after_verify(np.array([[[t % 16, (t + 1) % 16]], [[(t + 8) % 16, (t + 9) % 16]]], np.int32), 0)
+    assert abs(half.reuse_for(2) - 0.5) < 0.05
+    assert half.reuse_for(6) == half.reuse_for(2) and 1 not in half.reuse
