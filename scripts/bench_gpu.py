@@ -326,8 +326,8 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         pair = ModelPair(a.target, draft, experts_on_cpu=True, routing="auto", policy=pol,
                          budget=f"{budget * 100:g}%", hw=a.hw, draft_max=a.draft_max,
                          calibration=calib_path if pol == "static" else None,
-                         inpass=(InPass(share=None if a.spac_share == "auto" else float(a.spac_share), routed_bonus=1.0,
-                                        direct_rows=a.spac_direct)
+                         inpass=(InPass(share=None if a.spac_share == "auto" else float(a.spac_share),
+                                        routed_bonus=a.spac_bonus, direct_rows=a.spac_direct)
                                  if a.inpass and pol == "spac" else a.inpass and pol in ("lru", "spac")), **kw)
         info.update(slots_per_layer=pair.cache.n_slots, inpass=str(pair.engine.inpass),
                     budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
@@ -666,6 +666,9 @@ def main(argv=None) -> int:
     ap.add_argument("--spac-share", default="auto",
                     help="spac's in-pass share of a pass's misses uploaded (the rest run on the CPU): a number, or "
                          "auto (the library default: the balancer's split per pass, 1 when the pass fits the slots)")
+    ap.add_argument("--spac-bonus", type=float, default=1.0, metavar="B",
+                    help="spac: with a host branch a miss takes the slot of an expert whose utility is below its own "
+                         "+ B x its rows in the pass (the library's 1; inf always evicts, as sd_lru does)")
     ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",
                     help="spac: passes of at most ROWS rows read their misses from pinned host memory on the GPU "
                          "(no in-pass upload; 0 off, at most 4)")
