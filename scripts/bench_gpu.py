@@ -327,7 +327,8 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
                          budget=f"{budget * 100:g}%", hw=a.hw, draft_max=a.draft_max,
                          calibration=calib_path if pol == "static" else None,
                          inpass=(InPass(share=None if a.spac_share == "auto" else float(a.spac_share),
-                                        routed_bonus=a.spac_bonus, direct_rows=a.spac_direct)
+                                        routed_bonus=a.spac_bonus, direct_rows=a.spac_direct,
+                                        prefetch=a.spac_prefetch)
                                  if a.inpass and pol == "spac" else a.inpass and pol in ("lru", "spac")), **kw)
         info.update(slots_per_layer=pair.cache.n_slots, inpass=str(pair.engine.inpass),
                     budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
@@ -669,6 +670,8 @@ def main(argv=None) -> int:
     ap.add_argument("--spac-bonus", type=float, default=1.0, metavar="B",
                     help="spac: with a host branch a miss takes the slot of an expert whose utility is below its own "
                          "+ B x its rows in the pass (the library's 1; inf always evicts, as sd_lru does)")
+    ap.add_argument("--spac-prefetch", action="store_true",
+                    help="spac: also prefetch the MIP's plan between passes (the library leaves it off with in-pass loads)")
     ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",
                     help="spac: passes of at most ROWS rows read their misses from pinned host memory on the GPU "
                          "(no in-pass upload; 0 off, at most 4)")

@@ -275,10 +275,11 @@ class ModelPair:
         pol = make_policy(policy, self.cache.n_layers, self.cache.n_expert, self.cache.expert_bytes,
                           hw=profile, calibration=calib)
         # in-pass loads: misses copied into GPU slots during the pass. lru: every miss, evicting the least
-        # recent (the upstream llama.cpp design, CPU share 0); spac: the balancer's split per pass (all
-        # misses when the pass's experts fit the slots, else the share that makes upload and CPU finish
-        # together), evicting by the estimator's utility, and the MIP's prefetch runs every 4th pass
-        # (in-pass loads cover the misses between). Slots in host memory gain nothing from it (off there).
+        # recent (the upstream llama.cpp design, CPU share 0; plus greedy swaps of recent experts between
+        # passes); spac: the balancer's split per pass (all misses when the pass's experts fit the slots,
+        # else the share that makes upload and CPU finish together), evicting by the estimator's utility,
+        # no MIP prefetch (it lowered the hit rate next to in-pass loads: InPass.prefetch). Slots in host
+        # memory gain nothing from in-pass loads (off there; the MIP plans the cache then).
         if inpass is None:
             inpass = not on_host and policy in ("lru", "spac")
         if inpass and policy not in ("lru", "lfu", "spac"):
@@ -287,7 +288,7 @@ class ModelPair:
         if isinstance(inpass, InPass):
             ip = inpass
         elif inpass:
-            ip = InPass(share=None, routed_bonus=1.0) if policy == "spac" else InPass()
+            ip = InPass(share=None, routed_bonus=1.0, prefetch=False) if policy == "spac" else InPass()
         c = self.cache
         def split(rows: int, miss_rate: float, prev: float | None = None, reuse: float = 0.0) -> float:
             return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate, prev, reuse=reuse)

@@ -149,3 +149,19 @@ def test_reuse_is_the_share_of_misses_the_next_pass_routes_again():
         half.after_verify(np.array([[[t % 16, (t + 1) % 16]], [[(t + 8) % 16, (t + 9) % 16]]], np.int32), 0)
     assert abs(half.reuse_for(2) - 0.5) < 0.05
     assert half.reuse_for(6) == half.reuse_for(2) and 1 not in half.reuse
+
+
+def test_no_prefetch_issues_no_loads_between_passes():
+    """InPass(prefetch=False): the engine observes every pass but never asks the policy for loads (the
+    misses are loaded during the passes); with prefetch it does."""
+    from spac_gguf.engine import InPass
+    for prefetch, want in ((False, 0), (True, 1)):
+        store = SimulatedSlotStore(2, 8, 2, 1000, link_gbps=1.0)
+        store.set_inpass = lambda *a, **kw: None
+        eng = Engine(store, LRUPolicy(2, 8, 1000), 10_000, inpass=InPass(prefetch=prefetch))
+        for t in range(6):
+            eng.before_verify(1)
+            eng.after_verify(np.array([[[t % 8, (t + 1) % 8], [t % 8, (t + 2) % 8]]], np.int32), 0)
+            store.advance(1.0)
+        assert (eng.bytes_loaded > 0) == bool(want)
+        assert (eng.policy.score() > 0).any()                       # it still observed every pass
