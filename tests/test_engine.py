@@ -165,3 +165,19 @@ def test_no_prefetch_issues_no_loads_between_passes():
             store.advance(1.0)
         assert (eng.bytes_loaded > 0) == bool(want)
         assert (eng.policy.score() > 0).any()                       # it still observed every pass
+
+
+def test_priority_is_utility_plus_one_for_the_last_pass():
+    """spac's eviction priority: the estimator's demand, plus 1 for what the last pass routed."""
+    from spac_gguf.hardware import load_profile
+    from spac_gguf.policies import make_policy
+    store = SimulatedSlotStore(2, 8, 2, 1000, link_gbps=1.0)
+    pol = make_policy("spac", 2, 8, 1000, hw=load_profile("h200-pcie5"))
+    eng = Engine(store, pol, 0)
+    for ids in ([[[1, 2], [3, 4]]], [[[5, 6], [3, 7]]]):
+        eng.before_verify(1)
+        eng.after_verify(np.array(ids, np.int32), 1)
+    pr, d = eng.priority(), pol.estimator.demand()
+    last = np.zeros((2, 8), bool)
+    last[0, [5, 6]] = last[1, [3, 7]] = True
+    assert np.allclose(pr - d, last.astype(float))
