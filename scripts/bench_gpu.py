@@ -667,9 +667,9 @@ def main(argv=None) -> int:
     ap.add_argument("--spac-share", default="auto",
                     help="spac's in-pass share of a pass's misses uploaded (the rest run on the CPU): a number, or "
                          "auto (the library default: the balancer's split per pass, 1 when the pass fits the slots)")
-    ap.add_argument("--spac-bonus", type=float, default=1.0, metavar="B",
+    ap.add_argument("--spac-bonus", type=float, default=float("inf"), metavar="B",
                     help="spac: with a host branch a miss takes the slot of an expert whose utility is below its own "
-                         "+ B x its rows in the pass (the library's 1; inf always evicts, as sd_lru does)")
+                         "+ B x its rows in the pass (default inf, the library's: always evict the lowest, as sd_lru)")
     ap.add_argument("--spac-prefetch", action="store_true",
                     help="spac: also prefetch the MIP's plan between passes (the library leaves it off with in-pass loads)")
     ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",

@@ -27,7 +27,9 @@ class InPass:
     the pass in row chunks that fit the slots, every miss evicting the lowest-priority expert the
     pass does not need. With a host branch a miss takes the slot of the lowest-priority expert not
     routed now only if that priority is below its own + routed_bonus x its rows in the pass: inf
-    always evicts (LRU, the upstream design); spac uses 1 (a routed row is one unit of utility).
+    always evicts (LRU, the upstream design, and spac: with a bonus of 1 a split's misses loaded less
+    and the hit rate fell, replayed routing at share 0.7: qwen3-calibrated 0.782 vs 0.821, high-skew
+    0.799 vs 0.846, random 0.293 vs 0.317).
 
     direct_rows: a pass of at most this many rows copies nothing and has no host branch: the GPU
     computes its misses reading them from pinned host memory (no stop in the pass; the cache then

@@ -288,7 +288,7 @@ class ModelPair:
         if isinstance(inpass, InPass):
             ip = inpass
         elif inpass:
-            ip = InPass(share=None, routed_bonus=1.0, prefetch=False) if policy == "spac" else InPass()
+            ip = InPass(share=None, prefetch=False) if policy == "spac" else InPass()
         c = self.cache
         def split(rows: int, miss_rate: float, prev: float | None = None, reuse: float = 0.0) -> float:
             return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate, prev, reuse=reuse)
