@@ -75,8 +75,11 @@ def _install_abort_handler() -> None:
     device or ggml's state is gone), so say it in one line and exit 2 instead; SPAC_LLAMA_LOG=1 keeps
     ggml's own report."""
     global _ABORT_CB
-    base = _sibling_lib("ggml-base")
-    if base is None or not hasattr(base, "ggml_set_abort_callback") or os.environ.get("SPAC_LLAMA_LOG") == "1":
+    try:
+        base = ggml()
+    except BackendError:
+        return
+    if not hasattr(base, "ggml_set_abort_callback") or os.environ.get("SPAC_LLAMA_LOG") == "1":
         return
     proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 
@@ -108,17 +111,19 @@ def _load_error_reason(lines: list[str]) -> str:
 
 @contextlib.contextmanager
 def errors_worded_by_caller():
-    """llama.cpp's error lines during the block are held back (the caller raises one line of its own
-    if the call failed) and shown if it succeeded anyway, as a model load does."""
+    """llama.cpp's error lines during the block are held back in the list it yields (the caller raises
+    one line of its own if the call failed, from them or not) and shown if the block ends without an
+    exception (a call that worked despite them)."""
     global _ERRORS
     _init_backend()
     held, _ERRORS = _ERRORS, []
+    errors = _ERRORS
     ok = False
     try:
-        yield
+        yield errors
         ok = True
     finally:
-        errors, _ERRORS = _ERRORS, held
+        _ERRORS = held
         if ok:
             for e in errors:
                 os.write(2, e.encode())
@@ -260,25 +265,23 @@ class LlamaModel:
             arr[1].buft = None
             self._overrides = arr
             params.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
-        global _ERRORS, _BUFFERS
-        _ERRORS, _BUFFERS = [], []
+        global _BUFFERS
+        _BUFFERS = []
         try:
-            with _InterruptibleLoad() as guard:
-                params.progress_callback = guard.callback
-                params.progress_callback_user_data = None
-                ptr = llc.llama_model_load_from_file(self.path.encode(), params)
+            with errors_worded_by_caller() as errors:   # shown after a load that worked despite them
+                with _InterruptibleLoad() as guard:
+                    params.progress_callback = guard.callback
+                    params.progress_callback_user_data = None
+                    ptr = llc.llama_model_load_from_file(self.path.encode(), params)
+                if guard.interrupted:
+                    if ptr:
+                        llc.llama_model_free(ptr)
+                    raise KeyboardInterrupt
+                if not ptr:
+                    why = _load_error_reason(errors)
+                    raise BackendError(f"llama.cpp could not load {self.path}" + (f": {why}" if why else ""))
         finally:
-            errors, _ERRORS = _ERRORS, None
             buffers, _BUFFERS = _BUFFERS, None
-        if guard.interrupted:
-            if ptr:
-                llc.llama_model_free(ptr)
-            raise KeyboardInterrupt
-        if not ptr:
-            why = _load_error_reason(errors)
-            raise BackendError(f"llama.cpp could not load {self.path}" + (f": {why}" if why else ""))
-        for e in errors:                                 # a load that worked despite errors: show them
-            os.write(2, e.encode())
         if pinned and not vocab_only:
             self._check_pinned(pinned, buffers)
         self.ptr = ptr
