@@ -676,8 +676,8 @@ def main(argv=None) -> int:
                     help="spac: passes of at most ROWS rows read their misses from pinned host memory on the GPU "
                          "(no in-pass upload; 0 off, at most 4)")
     a = ap.parse_args(argv)
-    if not 0 <= a.spac_direct <= 4:
-        ap.error(f"--spac-direct must be in 0..4, not {a.spac_direct}")
+    if not 0 <= a.spac_direct <= native.DIRECT_MAX_ROWS:
+        ap.error(f"--spac-direct must be in 0..{native.DIRECT_MAX_ROWS}, not {a.spac_direct}")
     if a.spac_share != "auto":
         try:
             ok = 0.0 <= float(a.spac_share) <= 1.0

@@ -23,6 +23,7 @@ class DeviceMemory:
     name: str
     free: int
     total: int
+    pretend: bool = False        # SPAC_TEST_GPU_FREE_MIB: no GPU really measured
 
 
 def device_memory() -> DeviceMemory | None:
@@ -31,7 +32,7 @@ def device_memory() -> DeviceMemory | None:
     import os
     fake = os.environ.get("SPAC_TEST_GPU_FREE_MIB")
     if fake:
-        return DeviceMemory("test GPU (SPAC_TEST_GPU_FREE_MIB)", int(float(fake) * MiB), int(float(fake) * MiB))
+        return DeviceMemory("test GPU (SPAC_TEST_GPU_FREE_MIB)", int(float(fake) * MiB), int(float(fake) * MiB), True)
     from .llama_backend import _init_backend, first_gpu_device, ggml, gpu_available
     _init_backend()
     if not gpu_available():

@@ -24,7 +24,6 @@ has not proven optimality within the time limit counts as a fallback.
 from __future__ import annotations
 
 import math
-
 import os
 import sys
 import time

@@ -205,11 +205,9 @@ class ModelPair:
 
     def _slots_from_free_memory(self, planned: int) -> int:
         """The cache for the GPU memory left after loading (the plan's estimate where none is measured)."""
-        import os
-
         from .autofit import device_memory, slots_after_load
         mem = device_memory()
-        if mem is None or os.environ.get("SPAC_TEST_GPU_FREE_MIB"):    # no GPU, or a pretended one: the plan
+        if mem is None or mem.pretend:                  # no GPU, or a pretended one: the plan
             return planned
         lay = self.layout
         slots = slots_after_load(mem.free, lay.bytes_per_expert, len(lay.moe_layers), lay.n_expert)

@@ -353,3 +353,4 @@ def test_status_table_matches_the_patched_header():
     assert len(codes) >= 10
     assert codes == set(native.STATUS)
     assert int(re.search(r"#define LLAMA_MOE_API_VERSION (\d+)", patch).group(1)) == native.API_VERSION
+    assert int(re.search(r"#define LLAMA_MOE_DIRECT_MAX_ROWS (\d+)", patch).group(1)) == native.DIRECT_MAX_ROWS
