@@ -88,16 +88,24 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
-@dataclass
-class Metrics:
-    requests: int = 0
-    cancelled: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    last_tps: float = 0.0
-    last_acceptance: float | None = None
-    queued: int = 0
+# What /metrics shows, one line a metric: (name, type, help, key). The key names the worker's count
+# (WORKER_METRICS) or a field of pair.cache_stats() (CACHE_METRICS); a value of None is left out.
+WORKER_METRICS = (
+    ("requests_total", "counter", "generations finished (cancelled included)", "requests"),
+    ("requests_cancelled_total", "counter", "generations stopped because the client went away", "cancelled"),
+    ("request_errors_total", "counter", "requests that failed", "errors"),
+    ("requests_queued", "gauge", "requests waiting for the model", "queued"),
+    ("prompt_tokens_total", "counter", "prompt tokens processed", "prompt_tokens"),
+    ("tokens_generated_total", "counter", "tokens generated", "generated_tokens"),
+    ("tokens_per_second", "gauge", "generation speed of the last request", "last_tps"),
+    ("draft_acceptance_ratio", "gauge", "accepted / drafted tokens of the last request", "last_acceptance"),
+)
+CACHE_METRICS = (
+    ("cache_hit_ratio", "gauge", "routed experts served from GPU slots", "hit_rate"),
+    ("cache_bytes_loaded_total", "counter", "bytes copied into slots between passes", "bytes_loaded"),
+    ("cache_inpass_loads_total", "counter", "misses copied into slots during passes", "inpass_loads"),
+    ("cache_inpass_bytes_total", "counter", "bytes copied into slots during passes", "inpass_bytes"),
+)
 
 
 class Worker:
@@ -106,14 +114,15 @@ class Worker:
     def __init__(self, pair, draft_max: int):
         self.pair, self.draft_max = pair, draft_max
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.metrics = Metrics()
+        self.metrics: dict[str, float | None] = {key: 0 for *_, key in WORKER_METRICS}
+        self.metrics["last_acceptance"] = None        # no drafts yet: left out of /metrics
         self.lock = threading.Lock()                  # guards metrics
         self.thread = threading.Thread(target=self._run, name="spac-serve-worker", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         with self.lock:
-            self.metrics.queued += 1
+            self.metrics["queued"] += 1
         self.jobs.put(job)
 
     def stop(self) -> None:
@@ -126,10 +135,10 @@ class Worker:
             if job is None:
                 return
             with self.lock:
-                self.metrics.queued -= 1
+                self.metrics["queued"] -= 1
             if job.cancel.is_set():
                 with self.lock:
-                    self.metrics.cancelled += 1
+                    self.metrics["cancelled"] += 1
                 continue
             self._serve(job)
 
@@ -175,30 +184,28 @@ class Worker:
             st = pair.last_stats
             with self.lock:
                 m = self.metrics
-                m.requests += 1
-                m.cancelled += finish == "cancelled"
-                m.prompt_tokens += n_prompt
-                m.generated_tokens += n
+                m["requests"] += 1
+                m["cancelled"] += finish == "cancelled"
+                m["prompt_tokens"] += n_prompt
+                m["generated_tokens"] += n
                 if st is not None:
-                    m.last_tps = st.tokens_per_second
-                    m.last_acceptance = st.acceptance_rate
+                    m["last_tps"], m["last_acceptance"] = st.tokens_per_second, st.acceptance_rate
             put(("done", finish, {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}))
-        except APIError as e:
-            self._count_error()
-            put(("error", e))
-        except ValueError as e:                       # InputError, ChatError: the request's fault
-            self._count_error()
-            put(("error", APIError(400, str(e))))
-        except BackendError as e:
-            self._count_error()
-            put(("error", APIError(500, f"backend error: {e}", kind="server_error")))
         except Exception as e:                        # noqa: BLE001 - never a traceback to the client
-            self._count_error()
-            put(("error", APIError(500, f"internal error: {type(e).__name__}", kind="server_error")))
+            with self.lock:
+                self.metrics["errors"] += 1
+            put(("error", _as_api_error(e)))
 
-    def _count_error(self) -> None:
-        with self.lock:
-            self.metrics.errors += 1
+
+def _as_api_error(e: Exception) -> APIError:
+    """What the client is told about an exception of a generation."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ValueError):                     # InputError, ChatError: the request's fault
+        return APIError(400, str(e))
+    if isinstance(e, BackendError):
+        return APIError(500, f"backend error: {e}", kind="server_error")
+    return APIError(500, f"internal error: {type(e).__name__}", kind="server_error")
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -354,28 +361,13 @@ def make_app(pair, *, alias: str, draft_max: int = 4, template: ChatTemplate | N
     @app.get("/metrics")
     async def metrics():
         with worker.lock:
-            m = Metrics(**vars(worker.metrics))
+            m = dict(worker.metrics)
         cache = pair.cache_stats() if getattr(pair, "engine", None) is not None else None
+        values = [m[key] for *_, key in WORKER_METRICS] + [cache.get(key) for *_, key in CACHE_METRICS if cache]
         lines = []
-
-        def metric(name: str, kind: str, help_: str, value) -> None:
-            if value is None:
-                return
-            lines.extend([f"# HELP spac_{name} {help_}", f"# TYPE spac_{name} {kind}", f"spac_{name} {float(value):g}"])
-
-        metric("requests_total", "counter", "generations finished (cancelled included)", m.requests)
-        metric("requests_cancelled_total", "counter", "generations stopped because the client went away", m.cancelled)
-        metric("request_errors_total", "counter", "requests that failed", m.errors)
-        metric("requests_queued", "gauge", "requests waiting for the model", m.queued)
-        metric("prompt_tokens_total", "counter", "prompt tokens processed", m.prompt_tokens)
-        metric("tokens_generated_total", "counter", "tokens generated", m.generated_tokens)
-        metric("tokens_per_second", "gauge", "generation speed of the last request", m.last_tps)
-        metric("draft_acceptance_ratio", "gauge", "accepted / drafted tokens of the last request", m.last_acceptance)
-        if cache:
-            metric("cache_hit_ratio", "gauge", "routed experts served from GPU slots", cache.get("hit_rate"))
-            metric("cache_bytes_loaded_total", "counter", "bytes copied into slots between passes", cache.get("bytes_loaded"))
-            metric("cache_inpass_loads_total", "counter", "misses copied into slots during passes", cache.get("inpass_loads"))
-            metric("cache_inpass_bytes_total", "counter", "bytes copied into slots during passes", cache.get("inpass_bytes"))
+        for (name, kind, help_, _), value in zip(WORKER_METRICS + CACHE_METRICS, values):
+            if value is not None:
+                lines += [f"# HELP spac_{name} {help_}", f"# TYPE spac_{name} {kind}", f"spac_{name} {float(value):g}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     return app
