@@ -43,7 +43,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from spac_gguf.gguf_layout import read_gguf  # noqa: E402
+from spac_gguf.testing import models as testmodels  # noqa: E402
 
 BRANCH = 0.03         # rms of a residual branch's output relative to the residual stream (embedding rms 1):
                       # 96 branches add ~0.3 rms, so the current token's embedding dominates the last state
@@ -82,21 +82,7 @@ SCALES = {
 }
 
 
-def tokenizer_kv(vocab: Path) -> tuple[list, int]:
-    """All tokenizer.* pairs of a vocab GGUF (file order), and its number of tokens."""
-    h = read_gguf(vocab)
-    out = []
-    for key, val in h.kv.items():
-        if key.startswith("tokenizer."):
-            types = [gguf.GGUFValueType(t) for t in h.kv_types[key]]
-            if isinstance(val, np.ndarray):
-                val = val.tolist()
-            out.append((key, val, types[0], types[1] if len(types) > 1 else None))
-    return out, len(h.kv["tokenizer.ggml.tokens"])
-
-
 def default_vocab() -> Path:
-    from spac_gguf.testing import models as testmodels
     return testmodels.vocab_path("ggml-vocab-qwen2.gguf")
 
 
@@ -196,24 +182,13 @@ def next_token_map(token_types: np.ndarray, seed: int) -> np.ndarray:
 
 
 def common_kv(w: gguf.GGUFWriter, s: Shape, name: str, ftype: int, tok) -> None:
-    w.add_name(name)
-    w.add_file_type(ftype)
-    w.add_context_length(s.ctx)
-    w.add_embedding_length(s.n_embd)
-    w.add_block_count(s.n_layer)
-    w.add_feed_forward_length(s.n_ff)
-    w.add_head_count(s.n_head)
-    w.add_head_count_kv(s.n_head_kv)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_rope_freq_base(1000000.0)
-    w.add_layer_norm_rms_eps(1e-6)
+    testmodels.add_hparams(w, name, ftype, tok, n_ctx=s.ctx, n_embd=s.n_embd, n_layer=s.n_layer, n_ff=s.n_ff,
+                           n_head=s.n_head, n_head_kv=s.n_head_kv, head_dim=s.head_dim, rope_freq_base=1000000.0,
+                           rms_eps=1e-6)
     if s.n_expert:
         w.add_expert_count(s.n_expert)
         w.add_expert_used_count(s.n_expert_used)
         w.add_expert_feed_forward_length(s.n_ff_exp)
-    for key, val, vt, sub in tok:
-        w.add_key_value(key, val, vt, sub)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -276,7 +251,8 @@ def main(argv=None) -> int:
     if not Path(vocab).is_file():
         print(f"vocab file not found: {vocab}", file=sys.stderr)
         return 2
-    tok, n_vocab = tokenizer_kv(Path(vocab))
+    tok = testmodels.tokenizer_kv(Path(vocab))
+    n_vocab = len(next(v for k, v, _, _ in tok if k == "tokenizer.ggml.tokens"))
     a.out.mkdir(parents=True, exist_ok=True)
     target, draft = SCALES[a.scale]
     for role, s in (("target", target), ("draft", draft)):

@@ -106,9 +106,9 @@ def vocab_path(vocab_file: str) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_kv(vocab_file: str) -> list[tuple[str, object, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
-    """All tokenizer.* pairs of a vocab GGUF, in file order, token strings as raw bytes."""
-    h = read_gguf(vocab_path(vocab_file))
+def tokenizer_kv(vocab: str | os.PathLike) -> list[tuple[str, object, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
+    """All tokenizer.* pairs of the vocab GGUF at `vocab`, in file order, token strings as raw bytes."""
+    h = read_gguf(vocab)
     out = []
     for key, val in h.kv.items():
         if not key.startswith("tokenizer."):
@@ -118,6 +118,29 @@ def _tokenizer_kv(vocab_file: str) -> list[tuple[str, object, gguf.GGUFValueType
             val = val.tolist()
         out.append((key, val, types[0], types[1] if len(types) > 1 else None))
     return out
+
+
+def add_hparams(w: gguf.GGUFWriter, name: str, file_type: int, tokenizer: list, *, n_ctx: int, n_embd: int,
+                n_layer: int, n_ff: int, n_head: int, n_head_kv: int, head_dim: int, rope_freq_base: float,
+                rms_eps: float) -> None:
+    """The KV pairs every generated model opens with (the test pairs here, the benchmark pair of
+    scripts/make_bench_model.py): name, file type, shape, rope and norm constants (one head size for
+    keys, values and rope), then the vocab GGUF's tokenizer.* pairs (`tokenizer_kv`)."""
+    w.add_name(name)
+    w.add_file_type(file_type)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(rope_freq_base)
+    w.add_layer_norm_rms_eps(rms_eps)
+    for key, val, vt, sub in tokenizer:
+        w.add_key_value(key, val, vt, sub)
 
 
 @functools.lru_cache(maxsize=4)
@@ -160,24 +183,11 @@ class _Builder:
 
 
 def _common_kv(b: _Builder, s: ArchSpec, quant: str, n_layer: int, n_ff: int, name: str, vocab_file: str) -> None:
-    w = b.w
-    w.add_name(name)
-    w.add_file_type(int(_FILE_TYPE[quant]))
-    w.add_context_length(s.n_ctx_train)
-    w.add_embedding_length(s.n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(s.n_head)
-    w.add_head_count_kv(s.n_head_kv)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_rope_dimension_count(s.head_dim)
-    w.add_rope_freq_base(s.rope_freq_base)
-    w.add_layer_norm_rms_eps(s.rms_eps)
-    for key, val, vt, sub in _tokenizer_kv(vocab_file):
-        w.add_key_value(key, val, vt, sub)
+    add_hparams(b.w, name, int(_FILE_TYPE[quant]), tokenizer_kv(vocab_path(vocab_file)), n_ctx=s.n_ctx_train,
+                n_embd=s.n_embd, n_layer=n_layer, n_ff=n_ff, n_head=s.n_head, n_head_kv=s.n_head_kv,
+                head_dim=s.head_dim, rope_freq_base=s.rope_freq_base, rms_eps=s.rms_eps)
     if s.arch == "llama" or s.draft_arch == "llama":
-        w.add_vocab_size(n_vocab_of(vocab_file))
+        b.w.add_vocab_size(n_vocab_of(vocab_file))
 
 
 def _shared_tensors(b: _Builder, s: ArchSpec, n_vocab: int) -> None:
