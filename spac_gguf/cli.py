@@ -17,23 +17,61 @@ demo_app = typer.Typer(add_completion=False, help="The built-in real-weights dem
 app.add_typer(demo_app, name="demo")
 
 
-# options that run and serve share (llama.cpp's names where they exist)
+# The flags that choose and place the models, shared by run and serve (llama.cpp's names where they
+# exist). Each is declared once, here, and reaches the command as the RunConfig field of its name
+# (TARGET and -m both as `target`): see _takes_pair_flags.
 TargetArg = Annotated[Optional[Path], typer.Argument(help="target GGUF (default: the demo pair)")]
 ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="target GGUF (same as TARGET)")]
 DraftOpt = Annotated[Optional[Path], typer.Option("-md", "--model-draft", "--draft", help="draft GGUF")]
 PairOpt = Annotated[Optional[str], typer.Option("--pair", help="a pair from models.toml")]
 ModelsDirOpt = Annotated[Optional[Path], typer.Option("--models-dir", help="folder where --pair looks for its GGUF files")]
 DraftMaxOpt = Annotated[Optional[int], typer.Option("--draft-max", help="K: most tokens drafted per round")]
+CtxOpt = Annotated[int, typer.Option("-c", "--ctx-size")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads")]
+GpuLayersOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", "--n-gpu-layers",
+                                     help="layers on the GPU (default: auto-fit when a GPU is present, else 0)")]
 CpuOpt = Annotated[bool, typer.Option("--cpu", help="no GPU even if one is present")]
 CacheSlotsOpt = Annotated[Optional[int], typer.Option("--cache-slots", help="cache slots per MoE layer")]
 BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="cache size: 2GiB, 512MB or 25% of expert bytes")]
 HwOpt = Annotated[Optional[str], typer.Option("--hw", help="hardware profile (models.toml [hw.*])")]
-GpuLayersOpt = Annotated[Optional[int], typer.Option("-ngl", "--gpu-layers", "--n-gpu-layers",
-                                     help="layers on the GPU (default: auto-fit when a GPU is present, else 0)")]
 MmapOpt = Annotated[Optional[bool], typer.Option("--mmap/--no-mmap",
                                           help="with -ngl: --no-mmap reads host experts into pinned memory (uploads "
                                                "at link speed; the default), --mmap keeps them mapped")]
+
+
+def _takes_pair_flags(n_ctx: int, policy_help: str, inpass_help: str):
+    """Decorator of a command that loads a pair: the flags above come before its own in its
+    signature (so in --help), and it is called with them as one validated RunConfig, `cfg`.
+    `n_ctx` is the command's -c default; the help of --policy and --inpass is the command's own."""
+    import functools
+    import inspect
+
+    flags = {
+        "target": (TargetArg, None), "model": (ModelOpt, None), "draft": (DraftOpt, None), "pair": (PairOpt, None),
+        "models_dir": (ModelsDirOpt, None), "draft_max": (DraftMaxOpt, None), "n_ctx": (CtxOpt, n_ctx),
+        "threads": (ThreadsOpt, None), "gpu_layers": (GpuLayersOpt, None), "cpu": (CpuOpt, False),
+        "policy": (Annotated[Optional[str], typer.Option("--policy", help=policy_help)], None),
+        "cache_slots": (CacheSlotsOpt, None), "budget": (BudgetOpt, None), "hw": (HwOpt, None),
+        "mmap": (MmapOpt, None), "inpass": (Annotated[Optional[bool], typer.Option("--inpass/--no-inpass",
+                                                                                   help=inpass_help)], None),
+    }
+
+    def decorate(fn):
+        own = [p for name, p in inspect.signature(fn).parameters.items() if name != "cfg"]
+        shared = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann, default=default)
+                  for name, (ann, default) in flags.items()]
+
+        @functools.wraps(fn)
+        def command(**kw):
+            from .config import RunConfig
+            given = {name: kw.pop(name) for name in flags}
+            model = given.pop("model")
+            given["target"] = given["target"] or model
+            return fn(cfg=RunConfig(**given).validate(), **kw)
+
+        command.__signature__ = inspect.Signature(shared + own)
+        return command
+    return decorate
 
 
 class UsageError(Exception):
@@ -136,47 +174,28 @@ def unescape(text: str) -> str:
 
 @app.command()
 @_guarded
+@_takes_pair_flags(2048, policy_help="expert cache policy: none, static, lru, lfu, spac (default: spac when "
+                                     "auto-fit caches experts, else none)",
+                   inpass_help="copy a share of each pass's misses into GPU slots during the pass "
+                               "(default: on for lru and spac with GPU slots)")
 def run(
-    target: TargetArg = None,
-    model: ModelOpt = None,
-    draft: DraftOpt = None,
-    pair: PairOpt = None,
-    models_dir: ModelsDirOpt = None,
+    cfg,
     prompt: str = typer.Option("The quick brown fox", "-p", "--prompt"),
     n_predict: int = typer.Option(64, "-n", "--n-predict", help="tokens to generate"),
     temp: float = typer.Option(0.0, "--temp", help="temperature; 0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="sampling seed; -1 = random (as in llama.cpp)"),
-    draft_max: DraftMaxOpt = None,
     adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive",
                                   help="choose K per round up to --draft-max (off: always --draft-max)"),
-    ctx: int = typer.Option(2048, "-c", "--ctx-size"),
-    threads: ThreadsOpt = None,
-    gpu_layers: GpuLayersOpt = None,
-    cpu: CpuOpt = False,
     trace: Optional[Path] = typer.Option(None, "--trace", help="write the routing trace (.npz)"),
-    policy: Optional[str] = typer.Option(None, "--policy",
-                                         help="expert cache policy: none, static, lru, lfu, spac (default: spac when "
-                                              "auto-fit caches experts, else none)"),
-    cache_slots: CacheSlotsOpt = None,
-    budget: BudgetOpt = None,
-    hw: HwOpt = None,
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="trace for --policy static"),
     slots_on_host: bool = typer.Option(False, "--slots-on-host", help="keep cache slots in host memory"),
-    mmap: MmapOpt = None,
-    inpass: Optional[bool] = typer.Option(None, "--inpass/--no-inpass",
-                                          help="copy a share of each pass's misses into GPU slots during the pass "
-                                               "(default: on for lru and spac with GPU slots)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end"),
     escape: bool = typer.Option(True, "--escape/--no-escape", "-e", help="process \\n, \\t, ... in the prompt"),
 ):
     """Generate text from TARGET, speculatively when a draft is given."""
-    from .config import RunConfig
     from .trace import TraceRecorder
-    cfg = RunConfig(target=target or model, draft=draft, pair=pair, models_dir=models_dir, n_ctx=ctx, threads=threads,
-                    gpu_layers=gpu_layers, cpu=cpu, policy=policy, cache_slots=cache_slots, budget=budget, hw=hw,
-                    calibration=calibration, slots_on_host=slots_on_host, mmap=mmap, inpass=inpass,
-                    draft_max=draft_max).validate()
+    cfg.calibration, cfg.slots_on_host = calibration, slots_on_host       # flags of run only
     if n_predict < 1:
         raise UsageError(f"-n must be >= 1 (got {n_predict})")
     if seed is not None and seed < -1:
@@ -249,34 +268,17 @@ def run(
 
 @app.command()
 @_guarded
+@_takes_pair_flags(4096, policy_help="expert cache policy (default as in run)",
+                   inpass_help="in-pass loads of misses (see run)")
 def serve(
-    target: TargetArg = None,
-    model: ModelOpt = None,
-    draft: DraftOpt = None,
-    pair: PairOpt = None,
-    models_dir: ModelsDirOpt = None,
+    cfg,
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port"),
     alias: Optional[str] = typer.Option(None, "--alias", help="model name clients use (default: the target's file stem)"),
-    draft_max: DraftMaxOpt = None,
-    ctx: int = typer.Option(4096, "-c", "--ctx-size"),
-    threads: ThreadsOpt = None,
-    gpu_layers: GpuLayersOpt = None,
-    cpu: CpuOpt = False,
-    policy: Optional[str] = typer.Option(None, "--policy", help="expert cache policy (default as in run)"),
-    cache_slots: CacheSlotsOpt = None,
-    budget: BudgetOpt = None,
-    hw: HwOpt = None,
-    mmap: MmapOpt = None,
-    inpass: Optional[bool] = typer.Option(None, "--inpass/--no-inpass", help="in-pass loads of misses (see run)"),
 ):
     """Serve TARGET over an OpenAI-compatible HTTP API (llama-server's flags where they exist)."""
     import socket
 
-    from .config import RunConfig
-    cfg = RunConfig(target=target or model, draft=draft, pair=pair, models_dir=models_dir, n_ctx=ctx, threads=threads,
-                    gpu_layers=gpu_layers, cpu=cpu, policy=policy, cache_slots=cache_slots, budget=budget, hw=hw,
-                    mmap=mmap, inpass=inpass, draft_max=draft_max).validate()
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535 (got {port})")
     try:                                                  # fail before loading a model, not after
