@@ -313,19 +313,12 @@ def fit_router(h: np.ndarray, a: np.ndarray, down: np.ndarray, groups: list[np.n
 
 # ----------------------------------------------------------------------------------- writing
 
-def _q4_1_block_bytes() -> tuple[int, int]:
-    import gguf
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_1]
-
-
-def _copy_kv(reader, writer, overrides: dict) -> None:
+def _copy_kv(reader, writer, skip: set) -> None:
     import gguf
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
             continue
         vtype = field.types[0]
-        if key in overrides:
-            continue
         if vtype == gguf.GGUFValueType.ARRAY:
             writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
         else:
@@ -343,16 +336,10 @@ def write_moe(dense: Dense, out_path: str | os.PathLike, recipe: Recipe, groups_
     qt = gguf.GGMLQuantizationType
     tmp = out_path.with_suffix(".part")
     w = gguf.GGUFWriter(str(tmp), "llama", use_temp_file=False)
-    overrides = {
-        "llama.feed_forward_length": m,
-        "llama.expert_count": E,
-        "llama.expert_used_count": k,
-        "general.name": "SmolLM2 135M MoE (cut)",
-    }
-    _copy_kv(dense.reader, w, overrides)
-    w.add_uint32("llama.feed_forward_length", m)
-    w.add_uint32("llama.expert_count", E)
-    w.add_uint32("llama.expert_used_count", k)
+    shape = {"llama.feed_forward_length": m, "llama.expert_count": E, "llama.expert_used_count": k}
+    _copy_kv(dense.reader, w, skip={*shape, "general.name"})
+    for key, value in shape.items():
+        w.add_uint32(key, value)
     w.add_string("general.name", "SmolLM2 135M MoE (cut)")
     w.add_string("spac.demo.recipe", json.dumps(dataclasses.asdict(recipe), sort_keys=True))
 
@@ -379,7 +366,7 @@ def write_moe(dense: Dense, out_path: str | os.PathLike, recipe: Recipe, groups_
             src = dense.tensors[f"blk.{l}.ffn_down.weight"]
             contiguous = all(np.array_equal(g, np.arange(g[0], g[0] + m)) for g in groups) and m % 32 == 0
             if contiguous and src.tensor_type == qt.Q4_1:
-                bs, tb = _q4_1_block_bytes()
+                bs, tb = gguf.GGML_QUANT_SIZES[qt.Q4_1]
                 rows = raw(src)  # [n_embd, n_blocks * tb]
                 exps = np.stack([rows[:, g[0] // bs * tb:(g[0] + m) // bs * tb] for g in groups])
                 w.add_tensor(f"blk.{l}.ffn_down_exps.weight", np.ascontiguousarray(exps), raw_dtype=qt.Q4_1)

@@ -16,7 +16,7 @@ import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +311,6 @@ def _parse(mm: mmap.mmap, size: int, path: str, strings: bool) -> GGUFHeader:
 _EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_up|gate|up|down)_(ch)?exps\.(weight|bias|scale)$")
 _SHEXP_RE = re.compile(r"^blk\.(\d+)\.ffn_\w+_shexp\b")
 _BLK_RE = re.compile(r"^blk\.(\d+)\.")
-PROJECTIONS = ("gate", "up", "down", "gate_up")
 
 
 @dataclass
@@ -413,11 +412,7 @@ class ModelLayout:
         return projs[key].expert(expert)
 
     def to_json(self) -> dict:
-        d = {k: getattr(self, k) for k in (
-            "path", "file_size", "gguf_version", "architecture", "name", "file_type", "n_layer", "n_embd",
-            "n_expert", "n_expert_used", "n_expert_shared", "has_shared_experts", "moe_layers",
-            "expert_qtypes", "vocab_size", "tokenizer_model", "tokenizer_pre", "alignment", "data_offset",
-            "n_tensors", "tensor_bytes", "expert_bytes", "dense_bytes")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers"}
         d["bytes_per_expert"] = self.bytes_per_expert
         d["layers"] = [layer.to_json() for layer in self.layers]
         return d

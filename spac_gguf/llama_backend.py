@@ -177,20 +177,16 @@ def _sibling_lib(stem: str) -> ctypes.CDLL | None:
     return None
 
 
-def _ggml_lib() -> ctypes.CDLL:
-    lib = _sibling_lib("ggml-base")
-    if lib is None:
-        raise BackendError("libggml-base not found beside libllama")
-    return lib
-
-
 _GGML = None
 
 
 def ggml() -> ctypes.CDLL:
+    """libggml-base beside libllama, with the argument types of the functions we call."""
     global _GGML
     if _GGML is None:
-        lib = _ggml_lib()
+        lib = _sibling_lib("ggml-base")
+        if lib is None:
+            raise BackendError("libggml-base not found beside libllama")
         lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
         lib.ggml_backend_cpu_buffer_type.argtypes = []
         lib.ggml_backend_tensor_get.restype = None
@@ -320,13 +316,14 @@ class LlamaModel:
             n = llc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
-    def token_bytes(self, token: int) -> bytes:
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The token's text; a control token's (<|im_end|>...) is empty unless `special`."""
         self._check_open()
         buf = ctypes.create_string_buffer(64)
-        n = llc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        n = llc.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = llc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            n = llc.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
     def detokenize(self, tokens: list[int]) -> str:
@@ -348,12 +345,7 @@ class LlamaModel:
         out = {}
         for name, fn in (("bos_token", llc.llama_vocab_bos), ("eos_token", llc.llama_vocab_eos)):
             tok = fn(self.vocab)
-            text = ""
-            if tok >= 0:
-                buf = ctypes.create_string_buffer(128)
-                n = llc.llama_token_to_piece(self.vocab, tok, buf, 128, 0, True)
-                text = buf.raw[:max(n, 0)].decode("utf-8", "replace")
-            out[name] = text
+            out[name] = self.token_bytes(tok, special=True).decode("utf-8", "replace") if tok >= 0 else ""
         return out
 
     def close(self) -> None:

@@ -303,8 +303,3 @@ def measure(trace: RoutingTrace, *, cache_share: float = 0.4, warmup: int = 64, 
         top_share=float(srt[:, :top].sum() / max(1, counts.sum())),
         per_prompt=per_prompt,
     )
-
-
-def lru_hit(trace: RoutingTrace, slots: int) -> float:
-    """Hit rate of a demand-loaded LRU of `slots` experts per layer over the committed tokens."""
-    return measure(trace, cache_share=slots / trace.n_expert)["lru_hit"]
