@@ -274,6 +274,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "inpass_bytes": (n1["inpass_bytes"] - n0["inpass_bytes"]) if n0 else 0,
         "direct_passes": (n1["direct_passes"] - n0["direct_passes"]) if n0 else 0,   # layer-passes read from host
         "inpass_wait_s": (n1["inpass_wait_s"] - n0["inpass_wait_s"]) if n0 else 0.0,  # plans waiting for async loads
+        "plans": (n1["plans"] - n0["plans"]) if n0 else 0,      # layer-pass stops between router and experts
         "routing_seen": bool(probe.unique),
         "replay_rows_checked": probe.replay_checked, "replay_rows_mismatched": probe.replay_mismatched,
         # where the engine's time goes, ms per target pass (ledger reads, poll/publish, the in-pass
@@ -581,7 +582,7 @@ def aggregate(runs: list[dict]) -> dict:
     agg = {"tps": statistics.median(tps), "tps_runs": tps, "repeats": len(runs),
            "tps_min": min(tps), "tps_max": max(tps)}
     for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts",
-              "inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s"):
+              "inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans"):
         agg[k] = float(np.mean([r[k] for r in runs]))
     acc = [r["acceptance"] for r in runs if r["acceptance"] is not None]
     agg["acceptance"] = float(np.mean(acc)) if acc else None
@@ -867,7 +868,7 @@ def main(argv=None) -> int:
                     gpu_pass = r["breakdown"]["target_decode_s"] / max(r["passes"], 1)
                 doc["results"].append(r)
                 log(f"  {s:16s} b={r['budget']!s:5s} r={routing:16s} a={acc!s:4s} tps={r['tps']:.2f} "
-                    f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} direct={r['direct_passes']:.0f} "
+                    f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} direct={r['direct_passes']:.0f} plans={r['plans']:.0f} "
                     f"match={r['output_matches_reference']}")
             pair.close()
             save()

@@ -292,8 +292,9 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
 
     For m expected misses per layer (distinct experts of `rows` rows x the recent miss rate) it
     compares all on the GPU, m uploads (no host branch) plus a stop per extra row chunk (a pass
-    whose experts can exceed the slots runs in chunks of slots // k rows, each planned at a stop of
-    its own), with the best split: n uploads while the CPU takes m - n after the host branch's fixed
+    whose experts can exceed the slots runs in chunks of slots // k rows; a plan also serves the
+    chunks after it whose experts still fit, so this many stops is the most, met by rows that share
+    no expert), with the best split: n uploads while the CPU takes m - n after the host branch's fixed
     cost c0, n = (c0 + m cpu) / (upload + cpu) so that both pipes finish together. 1 means no host
     branch. (Slots the pass's own hits hold cannot take a miss with a host branch: the C side caps
     the loads at the free slots, so the split only fixes the order of magnitude there.)

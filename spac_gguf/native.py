@@ -10,7 +10,7 @@ import numpy as np
 import llama_cpp.llama_cpp as llc
 
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
-API_VERSION = 5  # LLAMA_MOE_API_VERSION this package was written against
+API_VERSION = 6  # LLAMA_MOE_API_VERSION this package was written against
 SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_MAPPED = 0, 1, 2, 3   # llama_moe_slot_state
 ERR_ALLOC = -8                                                   # LLAMA_MOE_ERR_ALLOC
 
@@ -110,13 +110,14 @@ DIRECT_MAX_ROWS = 4  # LLAMA_MOE_DIRECT_MAX_ROWS
 
 def counters(ctx_ptr) -> dict:
     """In-pass and asynchronous loads since cache_init (count, bytes), (row, expert) pairs the host
-    computed, layer-passes that read their misses straight from pinned host memory, and the time
-    in-pass plans waited for asynchronous loads (a routed miss still loading)."""
-    out = (ctypes.c_uint64 * 7)()
-    check("cache_counters", api.cache_counters(ctx_ptr, out, 7))
+    computed, layer-passes that read their misses straight from pinned host memory, the time
+    in-pass plans waited for asynchronous loads (a routed miss still loading), and plans run (each
+    one stop of a pass between a layer's router and its experts)."""
+    out = (ctypes.c_uint64 * 8)()
+    check("cache_counters", api.cache_counters(ctx_ptr, out, 8))
     return {"inpass_loads": int(out[0]), "inpass_bytes": int(out[1]),
             "async_loads": int(out[2]), "async_bytes": int(out[3]), "host_pairs": int(out[4]),
-            "direct_passes": int(out[5]), "inpass_wait_s": int(out[6]) * 1e-6}
+            "direct_passes": int(out[5]), "inpass_wait_s": int(out[6]) * 1e-6, "plans": int(out[7])}
 
 
 def replay(ctx_ptr, il: int, ids: np.ndarray | None) -> None:

@@ -309,6 +309,32 @@ def test_passes_that_fit_run_all_in_slots(model, threads):
     assert cache.counters()["host_pairs"] == host_before        # no host branch ran
 
 
+def test_a_plan_serves_the_rows_after_it_that_fit(model, threads):
+    """Chunks are sized for rows that share no expert; a plan also serves the rows after its chunk
+    while all their experts fit in the slots, and their chunks run with no plan (no stop). With 2k
+    slots (chunks of 2 rows), a 6-row pass whose rows name 2k experts between them takes one plan
+    per layer, one whose rows name 3k takes three; both bit-identical to the uncached context."""
+    m, lay = model
+    k, E = lay.n_expert_used, lay.n_expert
+    assert E >= 3 * k
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    cache = ExpertCache(ctx.ptr, n_slots=2 * k, on_host=True)
+    cache.set_inpass(1.0, 1 << 20, np.full((cache.n_layers, cache.n_expert), 0.1, np.float32), 0.0)
+    toks = m.tokenize(PROMPTS[1])
+    assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
+    rng = np.random.default_rng(11)
+    for groups, plans_per_layer in ((2, 1), (3, 3)):
+        ids = np.array([[(r % groups) * k + j for j in range(k)] for r in range(6)], np.int32)
+        for il in lay.moe_layers:
+            native.replay(ref.ptr, il, ids)
+            native.replay(ctx.ptr, il, ids)
+        batch = [int(t) for t in rng.integers(100, 1000, size=6)]
+        p0 = cache.counters()["plans"]
+        assert np.array_equal(ref.decode(batch, "all"), ctx.decode(batch, "all")), f"{groups} groups"
+        assert cache.counters()["plans"] - p0 == plans_per_layer * len(lay.moe_layers), f"{groups} groups"
+
+
 def test_routing_replay_computes_the_given_experts(model, threads):
     """Replaying the router's own choice is bit-identical; replaying other ids makes the export report
     exactly those ids and changes the logits; off restores the router."""
