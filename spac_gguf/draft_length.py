@@ -32,6 +32,8 @@ r*, waits max(x - 1, x (1 - r / r*)) / explore_share rounds, so probing costs ab
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 
 
 class _Mean:
@@ -46,19 +48,44 @@ class _Mean:
         self.value += w * (x - self.value)
 
 
+class _Recent:
+    """Median of the last `size` samples (n counts all): one cold pass among warm ones (the first
+    round after a prompt, while the expert cache fills) does not move it, drift moves it in a few."""
+
+    def __init__(self, size: int = 5):
+        self.samples: deque[float] = deque(maxlen=size)
+        self.n = 0
+
+    def add(self, x: float) -> None:
+        self.samples.append(x)
+        self.n += 1
+
+    @property
+    def value(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def weight(self) -> int:
+        """How many samples the value stands for."""
+        return len(self.samples)
+
+
 class DraftLength:
     """Chooses K each round (`choose`) and learns from the round's outcome (`observe`)."""
 
     def __init__(self, adaptive: bool = True, *, prior_alpha: float = 0.7, prior_strength: float = 2.0,
+                 neighbour_strength: float = 6.0,
                  alpha_floor: float = 0.03, time_floor: float = 0.1, prior_row_cost: float = 0.1,
-                 explore_every: int = 16, explore_share: float = 0.05):
+                 explore_every: int = 16, explore_share: float = 0.05, trust_n: int = 3):
         self.adaptive = adaptive
         self.prior_alpha, self.prior_strength, self.alpha_floor = prior_alpha, prior_strength, alpha_floor
+        self.neighbour_strength = neighbour_strength   # how many rounds position i-1's rate is worth to i
         self.time_floor = time_floor
         self.prior_row_cost = prior_row_cost     # extra verify row / one-row pass, until two row counts are seen
         self.explore_every, self.explore_share = explore_every, explore_share
+        self.trust_n = trust_n                   # samples before a row count's own time is believed (_values)
         self._alpha: list[_Mean] = []            # per draft position
-        self._verify: dict[int, _Mean] = {}      # per row count
+        self._verify: dict[int, _Recent] = {}    # per row count
         self._draft = _Mean(floor=time_floor)    # seconds per proposed token
         self._rounds = 0                         # rounds that could draft (limit > 0)
         self._probes, self._next_probe = -1, explore_every
@@ -103,31 +130,76 @@ class DraftLength:
         self.counts[K] = self.counts.get(K, 0) + 1
         for i in range(min(accepted + 1, K)):    # position i is examined only if 0..i-1 were accepted
             while len(self._alpha) <= i:
-                self._alpha.append(_Mean(self.prior_alpha, self.prior_strength, self.alpha_floor))
+                self._alpha.append(_Mean(floor=self.alpha_floor))
             self._alpha[i].add(1.0 if i < accepted else 0.0)
         if K > 0:
             self._draft.add(t_draft / K)
-        self._verify.setdefault(K + 1, _Mean(floor=self.time_floor)).add(t_verify)
+        self._verify.setdefault(K + 1, _Recent()).add(t_verify)
 
     # ---- the model ----
 
     def alpha(self, n: int) -> list[float]:
-        """Estimated acceptance of positions 0..n-1 (the prior where a position was never examined)."""
-        return [self._alpha[i].value if i < len(self._alpha) else self.prior_alpha for i in range(n)]
+        """Estimated acceptance of positions 0..n-1: position 0's rate shrunk toward the prior (weight
+        `prior_strength`), each later one's toward the estimate of the position before it (weight
+        `neighbour_strength`). A position rarely examined (K chosen below it) thus reads like its
+        neighbour, not like a fixed prior or its few samples: at acceptance 0.9 a prior of 0.7 for
+        positions 3 and 4 kept K at 3 where 5 was best, and one early rejection at position 1 kept K
+        at 1 (the position is examined again only when K > 1)."""
+        out, prev, strength = [], self.prior_alpha, self.prior_strength
+        for i in range(n):
+            m = self._alpha[i] if i < len(self._alpha) else None
+            if m is not None and m.n:
+                w = min(m.n, 1.0 / m.floor)      # an exponential mean stands for ~1/floor recent rounds
+                prev = (w * m.value + strength * prev) / (w + strength)
+            out.append(prev)
+            strength = self.neighbour_strength
+        return out
 
     def verify_time(self, rows: int) -> float:
         return self.verify_times(rows)[rows - 1]
 
+    def _line(self, pts: list[tuple[int, float]]) -> tuple[float, float]:
+        """(intercept, slope >= 0) of t_v against rows: least squares through the points, or through
+        one point with the prior's relative cost per extra row."""
+        if len(pts) == 1:
+            r0, t0 = pts[0]
+            t1 = t0 / (1.0 + self.prior_row_cost * (r0 - 1))
+            return t1 * (1.0 - self.prior_row_cost), t1 * self.prior_row_cost
+        mr = sum(r for r, _ in pts) / len(pts)
+        mt = sum(t for _, t in pts) / len(pts)
+        slope = max(sum((r - mr) * (t - mt) for r, t in pts) / sum((r - mr) ** 2 for r, _ in pts), 0.0)
+        return mt - slope * mr, slope
+
+    def _values(self) -> list[tuple[int, float]]:
+        """The seen (rows, t_v), where a row count above every well-measured one (seen fewer than
+        `trust_n` times) costs at most what the line through the other row counts says. Seen on the
+        H200 at acceptance 0.9: the first round speculates fully while the expert cache is cold (its
+        six-row pass 2-3x a warm one), that one sample stood for six rows for the whole run, and K = 1
+        ran where K = 5 was 1.3x faster. Optimism only where there is no evidence: a long K that looks
+        best by the line is chosen, measured again, and trusted (or not) after `trust_n` samples."""
+        raw = sorted((r, m.value) for r, m in self._verify.items())
+        trusted = [r for r, m in self._verify.items() if m.n >= self.trust_n]
+        if not trusted or len(raw) < 2:
+            return raw
+        top = max(trusted)
+        out = []
+        for r, t in raw:
+            if r > top and self._verify[r].n < self.trust_n:
+                a, b = self._line([(q, v) for q, v in raw if q != r])
+                t = min(t, a + b * r)
+            out.append((r, t))
+        return out
+
     def _monotone_points(self) -> list[tuple[int, float]]:
-        """The seen (rows, t_v) made non-decreasing in rows by pooling adjacent violators, each weighted
-        by its observations: a pass with more rows never costs less with the same cache. Measurements
-        are taken at different times (K = 0 measured while the expert cache was cold and rarely after)
-        and otherwise make a cheap row count look dear for good."""
+        """The seen (rows, t_v) (see _values) made non-decreasing in rows by pooling adjacent
+        violators, each weighted by its observations: a pass with more rows never costs less with the
+        same cache. Measurements are taken at different times (K = 0 measured while the expert cache
+        was cold and rarely after) and otherwise make a cheap row count look dear for good."""
         blocks: list[list[float]] = []           # [weighted sum, weight, first rows index]
-        pts = sorted(self._verify.items())
-        for i, (_, m) in enumerate(pts):
-            w = float(min(max(m.n, 1), 1.0 / m.floor))  # an exponential mean stands for ~1/floor recent passes
-            blocks.append([m.value * w, w, i])
+        pts = self._values()
+        for i, (r, v) in enumerate(pts):
+            w = float(self._verify[r].weight)
+            blocks.append([v * w, w, i])
             while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
                 s, w, _ = blocks.pop()
                 blocks[-1][0] += s
@@ -142,16 +214,7 @@ class DraftLength:
         the seen row counts (slope >= 0), clamped between the nearest seen neighbours.
         Plain Python: a handful of points, and this runs every round."""
         pts = self._monotone_points() or [(1, 1.0)]   # (unmeasured: relative)
-        if len(pts) == 1:                        # one anchor: the prior's relative cost per row
-            r0, t0 = pts[0]
-            t1 = t0 / (1.0 + self.prior_row_cost * (r0 - 1))
-            line = (t1 * (1.0 - self.prior_row_cost), t1 * self.prior_row_cost)
-        else:
-            mr = sum(r for r, _ in pts) / len(pts)
-            mt = sum(t for _, t in pts) / len(pts)
-            slope = sum((r - mr) * (t - mt) for r, t in pts) / sum((r - mr) ** 2 for r, _ in pts)
-            slope = max(slope, 0.0)
-            line = (mt - slope * mr, slope)
+        line = self._line(pts)                   # one anchor: the prior's relative cost per row
         seen = dict(pts)
         out = []
         for rows in range(1, max_rows + 1):
@@ -191,6 +254,6 @@ class DraftLength:
     def summary(self) -> dict:
         """For reports: the K histogram and the current estimates."""
         return {"adaptive": self.adaptive, "k_histogram": dict(sorted(self.counts.items())),
-                "alpha": [round(m.value, 4) for m in self._alpha],
+                "alpha": [round(a, 4) for a in self.alpha(len(self._alpha))],
                 "draft_s_per_token": self._draft.value if self._draft.n else None,
                 "verify_s_by_rows": {r: self._verify[r].value for r in sorted(self._verify)}}

@@ -193,8 +193,38 @@ def test_plain_decoding_is_measured_early_when_rows_cost_unevenly():
             n += 1
         ctl.observe(K, n, K * 0.002, tv[K + 1])
     assert ks[0] == 5 and ks[1] == 0
-    # K = 0..2 are within 6 % of each other here (66.7 / 65.4 / 62.6 tok/s): any of them, never the bound
-    assert set(_non_probe(ks, probes, 2)) <= {0, 1, 2}, ks
+    # K = 0..2 are within 6 % of each other here (66.7 / 65.4 / 62.6 tok/s), K = 3 is at 56, the bound at
+    # 49: never the bound, and on average within 8 % of the best
+    def rate(K):
+        e = sum(np.prod(alpha[:j]) for j in range(K + 1))
+        return e / (K * 0.002 + tv[K + 1])
+    tail = _non_probe(ks, probes, 2)
+    assert 5 not in tail and np.mean([rate(K) for K in tail]) >= 0.92 * rate(0), ks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_cold_first_round_does_not_keep_long_drafts_out(seed):
+    """Seen on the H200 (qwen3-calibrated routing, acceptance 0.9): the first round speculates fully while
+    the expert cache is cold, its six-row pass 2.5x a warm one; that one sample stood for six rows for
+    the whole run and K = 1 was chosen in 30 of 46 rounds, where fixed K = 5 ran 1.3x faster. Here
+    K = 3..5 are within 1 % of the brute-force best and K = 1 is 14 % below it: after the first rounds
+    the controller's choices make at least 95 % of the best rate on average."""
+    a, b, td = 0.0102, 0.0034, 0.002              # t_v(rows) = a + b rows: 13.6 ms for one row, 30.6 for six
+    alpha = [0.9] * 5
+    best = oracle_rate(alpha, oracle_best(alpha, 5, a, b, td)[0], a, b, td)
+    assert oracle_rate(alpha, 1, a, b, td) < 0.9 * best
+    rng = np.random.default_rng(seed)
+    ctl, ks, probes = DraftLength(), [], []
+    for r in range(40):
+        K = ctl.choose(5)
+        ks.append(K)
+        probes.append(ctl.probing)
+        n = 0
+        while n < K and rng.random() < alpha[n]:
+            n += 1
+        ctl.observe(K, n, K * td, (a + b * (K + 1)) * (2.5 if r == 0 else 1.0))
+    tail = _non_probe(ks, probes, 10)
+    assert np.mean([oracle_rate(alpha, K, a, b, td) for K in tail]) >= 0.95 * best, ks
 
 
 def test_limit_is_respected_near_the_end():
