@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spac_gguf.hardware import load_profile  # noqa: E402
-from spac_gguf.locality import PRESETS, generate, measure  # noqa: E402
+from spac_gguf.locality import PRESETS, generate  # noqa: E402
 from spac_gguf.simulator import lookahead, simulate, slots_per_layer  # noqa: E402
+from spac_gguf.testing.locality_stats import measure  # noqa: E402
 
 POLICIES = ["static", "lru", "lfu", "spac", "oracle_budgeted", "belady"]
 BUDGETS = ["10%", "17%", "30%"]

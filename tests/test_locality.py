@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from spac_gguf.hardware import load_profile
-from spac_gguf.locality import PRESETS, generate, measure
+from spac_gguf.locality import PRESETS, generate
 from spac_gguf.policies import SIM_NAMES, BeladyPolicy, _used, make_policy
 from spac_gguf.simulator import lookahead, run_policy, simulate
+from spac_gguf.testing.locality_stats import measure
 from spac_gguf.trace import RoutingTrace
 
 HW = load_profile("h100-pcie5")

@@ -6,4 +6,6 @@ imports it (tests/test_package.py checks).
   pair (docs/DEMO.md); the demo pair itself is built by `spac_gguf.demo`, which `run` and `serve`
   use when no model is given
 - `synthetic`: synthetic routing traces (Zipf popularity that drifts, temporal locality)
+- `locality_stats`: what locality a routing trace has (`measure`), the oracle `locality`'s presets
+  are held to
 """
