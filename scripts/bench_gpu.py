@@ -25,8 +25,8 @@ Systems (all from our build; (1)-(3) run with the expert cache off):
 
 Every system with host experts keeps them in pinned host memory (--no-pinned: mmap). The cache systems
 use in-pass loads (--no-inpass: off): `sd_lru`/`lru_ar` upload every miss and evict by recency (the
-upstream llama.cpp design), `spac`/`spac_ar` upload every miss but evict only experts of lower utility
-(the estimator's) and prefetch by the MIP every 4th pass (pair.py says why).
+upstream llama.cpp design), `spac`/`spac_ar`/`spac_ak` split each pass's misses between uploads and the
+CPU (the balancer) and evict by the estimator's utility, without MIP prefetch (pair.py says why).
 
 Routing (--routing): `model` (the random model's own router) or a replayed trace from
 spac_gguf.locality (`random`, `qwen3-calibrated`, `high-skew`): every decode of every system computes
@@ -493,7 +493,7 @@ def roofline(res: dict, lay, bw: dict, gpu_pass_s: float, gpu_pass_basis: str,
         t_gpu = _interp_rows(gpu_pass_rows, rows)
         cpu_b = max(0.0, res["uncached_experts"] - res.get("inpass_loads", 0.0)) * B / passes
         up_b = res.get("inpass_bytes", 0.0) / passes
-        link = bw.get("slot_upload_gbps") or bw.get("pcie_h2d_pinned_gbps")
+        link = bw.get("pcie_h2d_pinned_gbps") or bw.get("slot_upload_gbps")   # the link itself: the bound
         if link:
             roof_s = max(cpu_b / (dram * 1e9), up_b / (link * 1e9)) + t_gpu
             meas_s = res["breakdown"]["target_decode_s"] / passes
