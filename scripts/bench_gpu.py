@@ -117,6 +117,7 @@ class OracleDrafter(Drafter):
         self.mask, self.replacement = mask, replacement
         self.rounds = self.accepted = self.examined = 0
         self.diverged_at: int | None = None
+        self.calls: dict[int, list] = {}               # draft decodes by rows: [count, seconds]
         self._L = self._K = 0
 
     def propose(self, tokens, K, sampler):
@@ -129,7 +130,11 @@ class OracleDrafter(Drafter):
         drafts: list[int] = []
         pending = tokens[self.ctx.n_past:]
         for i in range(K):
+            t = time.perf_counter()
             logits = self.ctx.decode(pending, "last")[0]
+            c = self.calls.setdefault(len(pending), [0, 0.0])
+            c[0] += 1
+            c[1] += time.perf_counter() - t
             own = int(np.argmax(logits))               # the real draft's choice: computed, then replaced
             j = n + i
             if self.diverged_at is None and j < len(self.cont):
@@ -268,6 +273,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "acceptance": (drafter.accepted / drafter.examined) if drafter and drafter.examined else None,
         "acceptance_rate": st.acceptance_rate, "k_histogram": dict(st.k_counts),
         "diverged_at": drafter.diverged_at if drafter else None,
+        # draft decode calls by rows (the pending tokens, then one per proposal): count, ms per call
+        "draft_calls": {n: [c, 1e3 * t / c] for n, (c, t) in sorted(drafter.calls.items())} if drafter else {},
         "hits": c1["hits"] - c0["hits"], "misses": c1["misses"] - c0["misses"], "bytes_copied": c1["bytes"] - c0["bytes"],
         "unique_experts": int(sum(probe.unique)), "uncached_experts": int(sum(probe.uncached)),
         "inpass_loads": (n1["inpass_loads"] - n0["inpass_loads"]) if n0 else 0,
@@ -589,6 +596,7 @@ def aggregate(runs: list[dict]) -> dict:
     ar = [r["acceptance_rate"] for r in runs if r["acceptance_rate"] is not None]
     agg["acceptance_rate"] = float(np.mean(ar)) if ar else None
     agg["diverged"] = [r["diverged_at"] for r in runs if r["diverged_at"] is not None]
+    agg["draft_calls"] = runs[-1]["draft_calls"]
     hist: dict = {}
     for r in runs:
         for k, c in r["k_histogram"].items():
