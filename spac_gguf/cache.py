@@ -43,7 +43,6 @@ class ExpertCache:
         self._tickets: dict[int, tuple[int, int]] = {}
         self._dirty: set[int] = set()
         self.bytes_loaded = 0
-        self.loads = 0
 
     # --- SlotStore protocol -------------------------------------------------------------------
     @property
@@ -94,7 +93,6 @@ class ExpertCache:
         self.slot_expert[layer, slot] = expert
         self.state[layer, slot] = LOADING
         self.bytes_loaded += self.expert_bytes
-        self.loads += 1
 
     def loading(self) -> dict[tuple[int, int], int]:
         """(layer, slot) -> expert of every load not yet polled: its slot stays busy until poll() says

@@ -95,5 +95,3 @@ def pair_spec(name: str | None = None, models_dir: str | Path | None = None) -> 
         raise ValueError(f"pair {name!r}: no file in {d} matches {', '.join(p['target_files'])}")
     draft = find_file(d, p["draft_files"], order) if p.get("draft_files") else None
     return PairSpec(name, target, draft, draft_max if draft is not None else 0)
-
-

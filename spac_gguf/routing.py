@@ -57,11 +57,9 @@ class EvalCallbackRouting:
         self.n_layers = n_layers
         self.k = k
         self._chunks: dict[int, list[np.ndarray]] = {}
-        self.calls = 0
         self.callback = llc.ggml_backend_sched_eval_callback(self._on_eval)
 
     def _on_eval(self, t_ptr, ask, user_data):  # noqa: ARG002 - C signature
-        self.calls += 1
         t = _GgmlTensor.from_address(t_ptr)
         name = t.name
         if not name.startswith(TOPK_PREFIX):
