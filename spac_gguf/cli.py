@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -160,16 +161,7 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
 
 def unescape(text: str) -> str:
     """llama.cpp's prompt escapes (-e, on by default there): \\n, \\t, \\r, \\\\, \\', \\"."""
-    out, i = [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
-            out.append(_ESCAPES[text[i + 1]])
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
+    return re.sub(r"""\\([ntr\\'"])""", lambda m: _ESCAPES[m.group(1)], text)
 
 
 @app.command()
