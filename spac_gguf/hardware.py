@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS_TOML = Path(__file__).resolve().parent.parent / "models.toml"
+from .registry import MODELS_TOML
 
 
 # one Qwen3-30B-A3B expert in Q4_K (gate + up + down, 2048 x 768): the unit of the per-row costs
@@ -167,17 +167,10 @@ def calibrate(name: str | None = None, base: str | HardwareProfile | None = None
     """
     b = load_profile(base) if isinstance(base, str) else base
     gbps = measure_cpu_stream_gbps() * EXPERT_PATH_EFFICIENCY
-    return HardwareProfile(
-        name=name or f"calibrated-{os.uname().nodename}",
-        link_gbps=b.link_gbps if b else None,
-        cpu_expert_gbps=round(gbps, 2),
-        cpu_s_per_expert_token=b.cpu_s_per_expert_token if b else 0.0,
-        gpu_s_per_expert_token=b.gpu_s_per_expert_token if b else None,
-        gpu_pass_s=b.gpu_pass_s if b else None,
-        draft_s_per_token=b.draft_s_per_token if b else None,
-        host_branch_s=b.host_branch_s if b else HardwareProfile.host_branch_s,
-        stop_s=b.stop_s if b else HardwareProfile.stop_s,
-    )
+    if b is None:                                       # no GPU fields to take, no per-row CPU compute
+        b = HardwareProfile("", link_gbps=None, cpu_expert_gbps=0.0, cpu_s_per_expert_token=0.0,
+                            gpu_s_per_expert_token=None, gpu_pass_s=None, draft_s_per_token=None)
+    return dataclasses.replace(b, name=name or f"calibrated-{os.uname().nodename}", cpu_expert_gbps=round(gbps, 2))
 
 
 def closest_profile(device_name: str) -> str:
