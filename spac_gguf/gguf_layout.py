@@ -12,11 +12,12 @@ view per array item: for a 150k-token vocabulary it takes 10-30 s, which is too 
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +50,11 @@ class GGUFTruncatedError(GGUFCorruptError):
 # Header parser
 # ----------------------------------------------------------------------------------------------
 
+# struct format of each scalar value type; numpy reads the same codes (np.dtype("<I") is uint32)
 _SCALAR = {
-    GGUFValueType.UINT8: ("<B", 1), GGUFValueType.INT8: ("<b", 1),
-    GGUFValueType.UINT16: ("<H", 2), GGUFValueType.INT16: ("<h", 2),
-    GGUFValueType.UINT32: ("<I", 4), GGUFValueType.INT32: ("<i", 4),
-    GGUFValueType.FLOAT32: ("<f", 4), GGUFValueType.BOOL: ("<?", 1),
-    GGUFValueType.UINT64: ("<Q", 8), GGUFValueType.INT64: ("<q", 8),
-    GGUFValueType.FLOAT64: ("<d", 8),
-}
-_NP = {
-    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
-    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 
 
@@ -128,14 +121,15 @@ class _Cursor:
         if n < 0 or self.pos + n > self.size:
             raise GGUFTruncatedError(f"header ends inside {_one_line(what, 60)} at byte {self.pos}")
 
-    def unpack(self, fmt: str, n: int, what: str) -> Any:
+    def unpack(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize(fmt)
         self.need(n, what)
         v = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += n
         return v
 
     def string(self, what: str) -> bytes:
-        n = self.unpack("<Q", 8, what)
+        n = self.unpack("<Q", what)
         self.need(n, what)
         s = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
@@ -148,21 +142,20 @@ def _read_value(c: _Cursor, vtype: int, key: str, strings: bool) -> tuple[Any, t
     except ValueError:
         raise GGUFCorruptError(f"unknown value type {vtype} for key {_q(key)}") from None
     if vt in _SCALAR:
-        fmt, n = _SCALAR[vt]
-        return c.unpack(fmt, n, key), (vt,)
+        return c.unpack(_SCALAR[vt], key), (vt,)
     if vt == GGUFValueType.STRING:
         return c.string(key).decode("utf-8", errors="replace"), (vt,)
     # ARRAY
-    sub = c.unpack("<I", 4, key)
-    count = c.unpack("<Q", 8, key)
+    sub = c.unpack("<I", key)
+    count = c.unpack("<Q", key)
     try:
         st = GGUFValueType(sub)
     except ValueError:
         raise GGUFCorruptError(f"unknown array item type {sub} for key {_q(key)}") from None
     if st in _SCALAR:
-        n = _SCALAR[st][1] * count
+        n = struct.calcsize(_SCALAR[st]) * count
         c.need(n, key)
-        arr = np.frombuffer(c.buf, dtype=_NP[st], count=count, offset=c.pos).copy()
+        arr = np.frombuffer(c.buf, dtype=_SCALAR[st], count=count, offset=c.pos).copy()
         c.pos += n
         return arr, (vt, st)
     if st == GGUFValueType.STRING:
@@ -228,13 +221,13 @@ def read_gguf(path: str | os.PathLike, *, strings: bool = True) -> GGUFHeader:
 def _parse(mm: mmap.mmap, size: int, path: str, strings: bool) -> GGUFHeader:
     c = _Cursor(mm, size)
     c.pos = 4
-    version = c.unpack("<I", 4, "the version")
+    version = c.unpack("<I", "the version")
     if version not in (2, 3):
         if version & 0xFFFF == 0:
             raise GGUFCorruptError(f"big-endian GGUF (version field {version:#x}) is not supported")
         raise GGUFCorruptError(f"unsupported GGUF version {version}")
-    n_tensors = c.unpack("<Q", 8, "the tensor count")
-    n_kv = c.unpack("<Q", 8, "the key count")
+    n_tensors = c.unpack("<Q", "the tensor count")
+    n_kv = c.unpack("<Q", "the key count")
     if n_kv > size // 13 or n_tensors > size // 25:
         raise GGUFCorruptError(f"implausible counts ({n_kv} keys, {n_tensors} tensors for {size} bytes)")
     kv: dict[str, Any] = {}
@@ -243,7 +236,7 @@ def _parse(mm: mmap.mmap, size: int, path: str, strings: bool) -> GGUFHeader:
     for i in range(n_kv):
         start = c.pos
         key = c.string(f"key #{i}").decode("utf-8", errors="replace")
-        vtype = c.unpack("<I", 4, key)
+        vtype = c.unpack("<I", key)
         vstart = c.pos
         if key in kv:
             raise GGUFCorruptError(f"duplicate key {_q(key)}")
@@ -260,14 +253,14 @@ def _parse(mm: mmap.mmap, size: int, path: str, strings: bool) -> GGUFHeader:
         name = raw_name.decode("utf-8", errors="replace")
         if len(raw_name) >= GGML_MAX_NAME:
             raise GGUFCorruptError(f"tensor name {_q(name)} is too long (ggml allows {GGML_MAX_NAME - 1} bytes)")
-        n_dims = c.unpack("<I", 4, name)
+        n_dims = c.unpack("<I", name)
         if not 1 <= n_dims <= 4:
             raise GGUFCorruptError(f"tensor {_q(name)} has {n_dims} dimensions")
         c.need(8 * n_dims, name)
         dims = struct.unpack_from(f"<{n_dims}Q", mm, c.pos)
         c.pos += 8 * n_dims
-        gtype = c.unpack("<I", 4, name)
-        rel = c.unpack("<Q", 8, name)
+        gtype = c.unpack("<I", name)
+        rel = c.unpack("<Q", name)
         raw.append((name, dims, gtype, rel))
         ti_spans.append((name, start, c.pos))
     data_offset = -(-c.pos // alignment) * alignment
@@ -284,9 +277,7 @@ def _parse(mm: mmap.mmap, size: int, path: str, strings: bool) -> GGUFHeader:
             raise GGUFCorruptError(f"tensor {_q(name)} has unknown type {gtype}") from None
         if dims[0] % block:
             raise GGUFCorruptError(f"tensor {_q(name)}: row of {dims[0]} is not a multiple of {qt.name} blocks ({block})")
-        n_el = 1
-        for d in dims:
-            n_el *= d
+        n_el = math.prod(dims)
         if 0 in dims or n_el > _INT64_MAX:
             raise GGUFCorruptError(f"tensor {_q(name)} has a bad shape {list(dims)}")
         if rel % alignment:
@@ -328,8 +319,7 @@ class ExpertTensor:
         return self.offset + e * self.expert_stride, self.expert_stride
 
     def to_json(self) -> dict:
-        return {"name": self.name, "proj": self.proj, "qtype": self.qtype, "shape": list(self.shape),
-                "offset": self.offset, "nbytes": self.nbytes, "expert_stride": self.expert_stride}
+        return {**asdict(self), "shape": list(self.shape)}
 
 
 @dataclass
@@ -585,7 +575,6 @@ def _fmt(n: float) -> str:
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
-    return f"{n} B"
 
 
 def format_layout(layout: ModelLayout, *, per_layer: bool = True) -> str:
