@@ -33,11 +33,8 @@ def device_memory() -> DeviceMemory | None:
     fake = os.environ.get("SPAC_TEST_GPU_FREE_MIB")
     if fake:
         return DeviceMemory("test GPU (SPAC_TEST_GPU_FREE_MIB)", int(float(fake) * MiB), int(float(fake) * MiB), True)
-    from .llama_backend import _init_backend, first_gpu_device, ggml, gpu_available
-    _init_backend()
-    if not gpu_available():
-        return None
-    dev = first_gpu_device()
+    from .llama_backend import first_gpu_device, ggml, gpu_available
+    dev = first_gpu_device() if gpu_available() else None     # gpu_available() starts the backend
     if dev is None:
         return None
     base = ggml()

@@ -220,8 +220,7 @@ def pinned_host_buffer_type() -> int | None:
     dev = first_gpu_device()
     if dev is None:
         return None
-    buft = ggml().ggml_backend_dev_host_buffer_type(dev)
-    return buft or None
+    return ggml().ggml_backend_dev_host_buffer_type(dev) or None
 
 
 @dataclass
@@ -254,11 +253,9 @@ class LlamaModel:
         params.use_extra_bufts = False       # CPU_REPACK changes the byte layout and disables op offload
         self._overrides = None
         if self.placement.experts_on_cpu:
-            arr = (_BuftOverride * 2)()
+            arr = (_BuftOverride * 2)()             # zeroed: arr[1] is the list's terminator
             arr[0].pattern = expert_pattern(self.placement.cpu_expert_layers).encode()
             arr[0].buft = pinned or ggml().ggml_backend_cpu_buffer_type()
-            arr[1].pattern = None
-            arr[1].buft = None
             self._overrides = arr
             params.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
         global _BUFFERS
@@ -354,10 +351,8 @@ class LlamaModel:
             self.ptr = None
 
     def __del__(self):  # models are big: free them deterministically when dropped
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 class LlamaContext:
@@ -368,12 +363,9 @@ class LlamaContext:
         self.model = model
         params = llc.llama_context_default_params()
         params.n_ctx = n_ctx
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
+        params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = 1
-        nt = n_threads or max(1, os.cpu_count() or 1)
-        params.n_threads = nt
-        params.n_threads_batch = nt
+        params.n_threads = params.n_threads_batch = n_threads or max(1, os.cpu_count() or 1)
         params.no_perf = True
         self._cb = eval_callback            # keep alive: C holds the pointer
         if eval_callback is not None:
@@ -403,13 +395,7 @@ class LlamaContext:
             raise ValueError("decode of zero tokens")
         if self.n_past + n > self.n_ctx:
             raise BackendError(f"context full: {self.n_past} + {n} tokens > n_ctx {self.n_ctx}")
-        if logits == "last":
-            rows = [n - 1]
-        elif logits == "all":
-            rows = list(range(n))
-        else:
-            rows = sorted(logits)
-        want = set(rows)
+        want = {n - 1} if logits == "last" else set(range(n) if logits == "all" else logits)
         out = []
         for c0 in range(0, n, self.n_batch):
             chunk = tokens[c0:c0 + self.n_batch]
@@ -460,10 +446,8 @@ class LlamaContext:
             self.ptr = None
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 def gpu_available() -> bool:
