@@ -282,11 +282,9 @@ class ModelPair:
             inpass = not on_host and policy in ("lru", "spac")
         if inpass and policy not in ("lru", "lfu", "spac"):
             raise InputError(f"--inpass needs a policy that ranks every expert (lru, lfu or spac), not {policy}")
-        ip = None
-        if isinstance(inpass, InPass):
-            ip = inpass
-        elif inpass:
-            ip = InPass(share=None, prefetch=False) if policy == "spac" else InPass()
+        if inpass and not isinstance(inpass, InPass):
+            inpass = InPass(share=None, prefetch=False) if policy == "spac" else InPass()
+        ip = inpass or None
         c = self.cache
         def split(rows: int, miss_rate: float, prev: float | None = None, reuse: float = 0.0) -> float:
             return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate, prev, reuse=reuse)
