@@ -80,14 +80,10 @@ def _report(progress: Progress, stage: str, done: float, total: float) -> None:
 
 # ----------------------------------------------------------------------------------------- paths
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """$XDG_CACHE_HOME/spac-gguf (or ~/.cache/spac-gguf) unless `cache_dir` is given."""
-    return Path(cache_dir) if cache_dir is not None else user_cache_dir()
-
-
 def demo_paths(cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """(target, draft) paths of the demo pair; they may not exist yet (see build_demo_pair)."""
-    d = cache_root(cache_dir) / "demo"
+    """(target, draft) paths of the demo pair under `cache_dir`, else $XDG_CACHE_HOME/spac-gguf (or
+    ~/.cache/spac-gguf); they may not exist yet (see build_demo_pair)."""
+    d = (Path(cache_dir) if cache_dir is not None else user_cache_dir()) / "demo"
     return d / TARGET_NAME, d / DRAFT_NAME
 
 
@@ -147,8 +143,7 @@ class Dense:
         if name not in self._w:
             from gguf.quants import dequantize
             t = self.tensors[name]
-            a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            self._w[name] = a
+            self._w[name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         return self._w[name]
 
     def drop_cache(self) -> None:
@@ -319,10 +314,8 @@ def _copy_kv(reader, writer, skip: set) -> None:
         if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
             continue
         vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, field.contents(), vtype)
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
 
 
 def write_moe(dense: Dense, out_path: str | os.PathLike, recipe: Recipe, groups_per_layer: list[list[np.ndarray]],
@@ -342,15 +335,11 @@ def write_moe(dense: Dense, out_path: str | os.PathLike, recipe: Recipe, groups_
         w.add_uint32(key, value)
     w.add_string("general.name", "SmolLM2 135M MoE (cut)")
     w.add_string("spac.demo.recipe", json.dumps(dataclasses.asdict(recipe), sort_keys=True))
-
-    def raw(t):
-        return np.asarray(t.data)
-
     for t in dense.reader.tensors:
         name = t.name
         if ".ffn_gate.weight" in name or ".ffn_up.weight" in name or ".ffn_down.weight" in name:
             continue
-        w.add_tensor(name, raw(t), raw_dtype=t.tensor_type)
+        w.add_tensor(name, np.asarray(t.data), raw_dtype=t.tensor_type)
         if name.endswith(".ffn_norm.weight"):
             l = int(name.split(".")[1])
             _report(progress, "write experts", l, dense.n_layer)
@@ -360,14 +349,14 @@ def write_moe(dense: Dense, out_path: str | os.PathLike, recipe: Recipe, groups_
                 src = dense.tensors[f"blk.{l}.ffn_{kind}.weight"]
                 if src.tensor_type != qt.Q4_1 and src.tensor_type not in (qt.Q8_0, qt.F16, qt.F32):
                     raise ValueError(f"unsupported type {src.tensor_type.name}")
-                rows = raw(src)  # [n_ff, bytes per row]
+                rows = np.asarray(src.data)  # [n_ff, bytes per row]
                 w.add_tensor(f"blk.{l}.ffn_{kind}_exps.weight", np.ascontiguousarray(np.stack([rows[g] for g in groups])),
                              raw_dtype=src.tensor_type)
             src = dense.tensors[f"blk.{l}.ffn_down.weight"]
             contiguous = all(np.array_equal(g, np.arange(g[0], g[0] + m)) for g in groups) and m % 32 == 0
             if contiguous and src.tensor_type == qt.Q4_1:
                 bs, tb = gguf.GGML_QUANT_SIZES[qt.Q4_1]
-                rows = raw(src)  # [n_embd, n_blocks * tb]
+                rows = np.asarray(src.data)  # [n_embd, n_blocks * tb]
                 exps = np.stack([rows[:, g[0] // bs * tb:(g[0] + m) // bs * tb] for g in groups])
                 w.add_tensor(f"blk.{l}.ffn_down_exps.weight", np.ascontiguousarray(exps), raw_dtype=qt.Q4_1)
                 # byte slices cannot absorb k: an F32 per-expert scale does (the expert cache
