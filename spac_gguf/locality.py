@@ -22,8 +22,7 @@ each draft is accepted with probability `acceptance` (leading run), the rest of 
 rejected drafts whose routing comes from the same process, branching off the committed history.
 
 `measure` is written independently of the generator (it only reads ids), so a test can hold the
-`qwen3-calibrated` preset against the published numbers (DESIGN.md §10, docs/BENCHMARKS.md); it is
-test and benchmark code, so it lives in spac_gguf.testing.
+`qwen3-calibrated` preset against the published numbers (DESIGN.md §10, docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -83,20 +82,11 @@ def _pick(hist, t, l, k, chosen, n_chosen, rn, rw, window, cum, perm_l):
         else:
             r = np.searchsorted(cum, np.random.random() * cum[-1], side="right")
             e = perm_l[min(r, perm_l.shape[0] - 1)]
-        dup = False
-        for i in range(n_chosen):
-            if chosen[i] == e:
-                dup = True
-                break
-        if not dup:
+        if e not in chosen[:n_chosen]:
             return e
     # very unlikely: fall back to the first expert not chosen
     for e in range(perm_l.shape[0]):
-        dup = False
-        for i in range(n_chosen):
-            if chosen[i] == e:
-                dup = True
-        if not dup:
+        if e not in chosen[:n_chosen]:
             return e
     return -1
 
@@ -117,9 +107,7 @@ def _segment(seed, n_tokens, k, rn, rw, window, cum, perm, drift, draft_max, acc
     L, E = perm.shape
     R = draft_max + 1
     hist = np.empty((n_tokens + R, L, k), np.int32)   # committed tokens, then a scratch branch
-    t = 0
-    rows = 0
-    passes = 0
+    t = rows = passes = 0
     while t < n_tokens:
         a = 1
         while a < R and np.random.random() < acceptance:
@@ -135,9 +123,7 @@ def _segment(seed, n_tokens, k, rn, rw, window, cum, perm, drift, draft_max, acc
                 if np.random.random() < drift:
                     i = np.random.randint(E)
                     j = np.random.randint(E)
-                    tmp = perm[l, i]
-                    perm[l, i] = perm[l, j]
-                    perm[l, j] = tmp
+                    perm[l, i], perm[l, j] = perm[l, j], perm[l, i]
         out_acc[passes] = a
         rows += R
         passes += 1
