@@ -12,6 +12,7 @@ view per array item: for a 150k-token vocabulary it takes 10-30 s, which is too 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
@@ -177,11 +178,7 @@ def _read_value(c: _Cursor, vtype: int, key: str, strings: bool) -> tuple[Any, t
         c.pos = pos
         return (items if items is not None else SkippedStrings(count)), (vt, st)
     # nested arrays: walk them recursively
-    out = []
-    for _ in range(count):
-        v, t = _read_value(c, st, key, strings)
-        out.append(v)
-    return out, (vt, st)
+    return [_read_value(c, st, key, strings)[0] for _ in range(count)], (vt, st)
 
 
 def read_gguf(path: str | os.PathLike, *, strings: bool = True) -> GGUFHeader:
@@ -335,12 +332,11 @@ class LayerLayout:
     @property
     def bytes_per_expert(self) -> int:
         """One expert of this layer over all its projections (and its bias/scale, if any)."""
-        return sum(t.expert_stride for t in self.projections.values()) + \
-            sum(t.expert_stride for t in self.extras.values())
+        return sum(t.expert_stride for t in [*self.projections.values(), *self.extras.values()])
 
     @property
     def expert_bytes(self) -> int:
-        return sum(t.nbytes for t in self.projections.values()) + sum(t.nbytes for t in self.extras.values())
+        return sum(t.nbytes for t in [*self.projections.values(), *self.extras.values()])
 
     def to_json(self) -> dict:
         return {"index": self.index, "is_moe": self.is_moe,
@@ -416,14 +412,9 @@ def _proj_key(proj: str) -> str:
 
 
 def _ranges(xs: list[int]) -> str:
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)
+    """Runs of consecutive numbers: [0, 1, 2, 5] -> "0-2,5" (x - i is constant along a run)."""
+    runs = [[x for _, x in run] for _, run in itertools.groupby(enumerate(xs), key=lambda p: p[1] - p[0])]
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _scalar(v: Any) -> Any:
@@ -443,9 +434,7 @@ def _uint(v: Any) -> int | None:
     """An integer hyperparameter's value (the largest, for a per-layer array); None when it is not
     integer-typed (llama.cpp then refuses the key's type itself, with an error, not an abort)."""
     if isinstance(v, np.ndarray):
-        if v.size and v.dtype.kind in "iu":
-            return int(v.max())
-        return None
+        return int(v.max()) if v.size and v.dtype.kind in "iu" else None
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         return int(v)
     return None
@@ -602,7 +591,7 @@ def format_layout(layout: ModelLayout, *, per_layer: bool = True) -> str:
         lines.append("")
         lines.append(f"{'layer':>5}  {'tensor':<28} {'type':<7} {'shape':<18} {'offset':>14} {'per expert':>12}")
         for lay in L.layers:
-            for t in list(lay.projections.values()) + list(lay.extras.values()):
+            for t in [*lay.projections.values(), *lay.extras.values()]:
                 shape = "x".join(map(str, t.shape))
                 lines.append(f"{lay.index:>5}  {t.name:<28} {t.qtype:<7} {shape:<18} {t.offset:>14} "
                              f"{t.expert_stride:>12}")
