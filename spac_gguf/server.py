@@ -41,11 +41,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
-def error_json(status: int, message: str, param: str | None = None, code: str | None = None,
-               kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content=self.body())
 
 
 class _Sampling(BaseModel):
@@ -134,13 +134,12 @@ class Worker:
             job = self.jobs.get()
             if job is None:
                 return
+            cancelled = job.cancel.is_set()             # its client went away while it waited
             with self.lock:
                 self.metrics["queued"] -= 1
-            if job.cancel.is_set():
-                with self.lock:
-                    self.metrics["cancelled"] += 1
-                continue
-            self._serve(job)
+                self.metrics["cancelled"] += cancelled
+            if not cancelled:
+                self._serve(job)
 
     def _serve(self, job: Job) -> None:
         def put(item):
@@ -233,21 +232,22 @@ def make_app(pair, *, alias: str, draft_max: int = 4, template: ChatTemplate | N
         first = errs[0] if errs else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
-            return error_json(400, "the request body is not valid JSON")
+            return APIError(400, "the request body is not valid JSON").response()
         msg = first.get("msg", "invalid request")
-        return error_json(400, f"{'.'.join(loc) or 'body'}: {msg}", ".".join(loc) or None)
+        return APIError(400, f"{'.'.join(loc) or 'body'}: {msg}", ".".join(loc) or None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error_json(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError):
-        return error_json(exc.status, exc.message, exc.param, exc.code, exc.kind)
+        return exc.response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        return error_json(500, f"internal error: {type(exc).__name__}", kind="server_error")
+        return APIError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
 
     def check_model(name: str | None) -> None:
         if name is not None and name != alias:
@@ -300,8 +300,7 @@ def make_app(pair, *, alias: str, draft_max: int = 4, template: ChatTemplate | N
         first = True
         async for item in events(job, request):
             if item[0] == "error":
-                e = item[1]
-                yield sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+                yield sse(item[1].body())
                 break
             if item[0] == "text":
                 yield sse(chunk(item[1], None, first))
@@ -328,14 +327,14 @@ def make_app(pair, *, alias: str, draft_max: int = 4, template: ChatTemplate | N
             prompt = prompt[0]
         job = make_job(req, prompt, req.max_tokens if req.max_tokens is not None else 16)
         cid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(text, finish, first=True):                 # a stream's chunk and the whole answer alike
+            return {"id": cid, "object": "text_completion", "created": now, "model": alias,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
         if req.stream:
-            def chunk(text, finish, first):
-                return {"id": cid, "object": "text_completion", "created": now, "model": alias,
-                        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
             return StreamingResponse(stream(job, request, chunk), media_type="text/event-stream")
         text, finish, usage = await collect(job, request)
-        return {"id": cid, "object": "text_completion", "created": now, "model": alias,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}], "usage": usage}
+        return {**chunk(text, finish), "usage": usage}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
