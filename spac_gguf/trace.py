@@ -85,8 +85,7 @@ class RoutingTrace:
         for k, a in arrays.items():
             if not np.issubdtype(a.dtype, np.integer):
                 raise ValueError(f"{path}: {k} must hold integers, not {a.dtype}")
-        tr = cls(ids=arrays["ids"].astype(np.int32), pass_start=arrays["pass_start"].astype(np.int32),
-                 accepted=arrays["accepted"].astype(np.int32), meta=meta)
+        tr = cls(**{k: a.astype(np.int32) for k, a in arrays.items()}, meta=meta)
         tr.validate(str(path))
         return tr
 
