@@ -28,13 +28,13 @@ def oracle_best(alpha, limit, a, b, t_draft) -> tuple[int, float]:
 
 
 def simulate(ctl: DraftLength, alpha, a, b, t_draft, *, limit: int, rounds: int, seed: int = 0,
-             probes: list[bool] | None = None) -> list[int]:
+             probes: list[bool] | None = None, verify=None) -> list[int]:
     """Rounds against a synthetic pair: draft i accepted w.p. alpha_i (given 0..i-1 were),
-    verify cost a + b * rows, draft cost t_draft per token. Returns the K of every round
-    (and appends to `probes` whether each round was an exploration probe)."""
+    verify cost a + b * rows (or `verify(rows, round)`), draft cost t_draft per token. Returns the K
+    of every round (and appends to `probes` whether each round was an exploration probe)."""
     rng = np.random.default_rng(seed)
     ks = []
-    for _ in range(rounds):
+    for r in range(rounds):
         K = ctl.choose(limit)
         assert 0 <= K <= limit
         if probes is not None:
@@ -42,7 +42,7 @@ def simulate(ctl: DraftLength, alpha, a, b, t_draft, *, limit: int, rounds: int,
         n = 0
         while n < K and rng.random() < alpha[n]:
             n += 1
-        ctl.observe(K, n, K * t_draft, a + b * (K + 1))
+        ctl.observe(K, n, K * t_draft, verify(K + 1, r) if verify else a + b * (K + 1))
         ks.append(K)
     return ks
 
@@ -182,16 +182,9 @@ def test_plain_decoding_is_measured_early_when_rows_cost_unevenly():
     so the controller settles on it within a few rounds and stays there between probes."""
     tv = {1: 0.015, 2: 0.024, 3: 0.031, 4: 0.039, 5: 0.045, 6: 0.050}
     alpha = [0.7] * 5
-    rng = np.random.default_rng(3)
-    ctl, ks, probes = DraftLength(), [], []
-    for _ in range(40):
-        K = ctl.choose(5)
-        ks.append(K)
-        probes.append(ctl.probing)
-        n = 0
-        while n < K and rng.random() < alpha[n]:
-            n += 1
-        ctl.observe(K, n, K * 0.002, tv[K + 1])
+    probes = []
+    ks = simulate(DraftLength(), alpha, 0, 0, 0.002, limit=5, rounds=40, seed=3, probes=probes,
+                  verify=lambda rows, _: tv[rows])
     assert ks[0] == 5 and ks[1] == 0
     # K = 0..2 are within 6 % of each other here (66.7 / 65.4 / 62.6 tok/s), K = 3 is at 56, the bound at
     # 49: never the bound, and on average within 8 % of the best
@@ -213,16 +206,9 @@ def test_a_cold_first_round_does_not_keep_long_drafts_out(seed):
     alpha = [0.9] * 5
     best = oracle_rate(alpha, oracle_best(alpha, 5, a, b, td)[0], a, b, td)
     assert oracle_rate(alpha, 1, a, b, td) < 0.9 * best
-    rng = np.random.default_rng(seed)
-    ctl, ks, probes = DraftLength(), [], []
-    for r in range(40):
-        K = ctl.choose(5)
-        ks.append(K)
-        probes.append(ctl.probing)
-        n = 0
-        while n < K and rng.random() < alpha[n]:
-            n += 1
-        ctl.observe(K, n, K * td, (a + b * (K + 1)) * (2.5 if r == 0 else 1.0))
+    probes = []
+    ks = simulate(DraftLength(), alpha, a, b, td, limit=5, rounds=40, seed=seed, probes=probes,
+                  verify=lambda rows, r: (a + b * rows) * (2.5 if r == 0 else 1.0))
     tail = _non_probe(ks, probes, 10)
     assert np.mean([oracle_rate(alpha, K, a, b, td) for K in tail]) >= 0.95 * best, ks
 
