@@ -312,8 +312,10 @@ def test_passes_that_fit_run_all_in_slots(model, threads):
 def test_a_plan_serves_the_rows_after_it_that_fit(model, threads):
     """Chunks are sized for rows that share no expert; a plan also serves the rows after its chunk
     while all their experts fit in the slots, and their chunks run with no plan (no stop). With 2k
-    slots (chunks of 2 rows), a 6-row pass whose rows name 2k experts between them takes one plan
-    per layer, one whose rows name 3k takes three; both bit-identical to the uncached context."""
+    slots (chunks of 2 rows), 6-row passes whose rows use k-expert groups (one group per row):
+    groups 0 0 1 1 0 1 (chunk 0 names one group, its plan must load the other for the chunks it
+    serves): one plan per layer; 0 1 2 0 1 2 (3k experts): three; 0 0 1 1 2 2 (the first plan
+    serves rows 0-3, the last chunk plans again): two. All bit-identical to the uncached context."""
     m, lay = model
     k, E = lay.n_expert_used, lay.n_expert
     assert E >= 3 * k
@@ -324,8 +326,8 @@ def test_a_plan_serves_the_rows_after_it_that_fit(model, threads):
     toks = m.tokenize(PROMPTS[1])
     assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
     rng = np.random.default_rng(11)
-    for groups, plans_per_layer in ((2, 1), (3, 3)):
-        ids = np.array([[(r % groups) * k + j for j in range(k)] for r in range(6)], np.int32)
+    for groups, plans_per_layer in (((0, 0, 1, 1, 0, 1), 1), ((0, 1, 2, 0, 1, 2), 3), ((0, 0, 1, 1, 2, 2), 2)):
+        ids = np.array([[g * k + j for j in range(k)] for g in groups], np.int32)
         for il in lay.moe_layers:
             native.replay(ref.ptr, il, ids)
             native.replay(ctx.ptr, il, ids)
