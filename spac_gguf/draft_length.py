@@ -245,9 +245,10 @@ class DraftLength:
     def draft_line(self) -> tuple[float, float]:
         """(c_0, c_1 >= 0): a round of K proposals drafts for c_0 + c_1 K seconds, weighted least squares
         over the K seen. Not K x a per-token mean: a round's first draft decode also catches the draft
-        up on the tokens it has not seen, right after the target's pass (on the H200 ~6 ms against ~1 ms
-        for the next ones), so a mean per token measured at K = 2 made K = 5 look 1.7x dearer than it is
-        and kept long drafts out. One K seen: proportional (c_0 = 0)."""
+        up on the tokens it has not seen, right after the target's pass (inferred on the H200 from the
+        totals of K = 2 and K = 5 rounds: ~6 ms against ~1 ms for the next ones), so a mean per token
+        measured at K = 2 made K = 5 look 1.7x dearer than it is and kept long drafts out. One K seen:
+        proportional (c_0 = 0)."""
         pts = [(K, m.value, _weight(m)) for K, m in sorted(self._draft.items())]
         if not pts:
             return 0.0, 0.0
