@@ -54,6 +54,17 @@ def _weight(m: _Mean) -> float:
     return min(m.n, 1.0 / m.floor) if m.floor > 0 else m.n
 
 
+def _fit(pts: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(intercept, slope >= 0) of the weighted least-squares line through (x, y, weight) points
+    with at least two distinct x."""
+    sw = sum(w for _, _, w in pts)
+    mx = sum(w * x for x, _, w in pts) / sw
+    my = sum(w * y for _, y, w in pts) / sw
+    slope = sum(w * (x - mx) * (y - my) for x, y, w in pts) / sum(w * (x - mx) ** 2 for x, _, w in pts)
+    slope = max(slope, 0.0)
+    return my - slope * mx, slope
+
+
 class _Recent:
     """Median of the last `size` samples (n counts all): from three samples on, one cold pass among
     warm ones (the first round after a prompt, while the expert cache fills) does not move it (with
@@ -70,11 +81,6 @@ class _Recent:
     @property
     def value(self) -> float:
         return statistics.median(self.samples)
-
-    @property
-    def weight(self) -> int:
-        """How many samples the value stands for."""
-        return len(self.samples)
 
 
 class DraftLength:
@@ -124,8 +130,8 @@ class DraftLength:
                     break
             wait = self.explore_every
             if k != best:
-                # round time = E[tokens] / rate; x = a probe round's time / a K* round's
-                x = (self._e_tokens(k) / rates[k]) / (self._e_tokens(best) / rates[best])
+                times = self.round_times(limit)
+                x = times[k] / times[best]       # a probe round's time / a K* round's
                 loss = max(x - 1.0, x * (1.0 - rates[k] / rates[best]))
                 wait = max(wait, math.ceil(loss / self.explore_share))
                 self.probing = True
@@ -156,9 +162,7 @@ class DraftLength:
 
         `optimistic` (for choosing K): position 0 also gets `optimism` standard errors of its estimate.
         Plain decoding observes no acceptance, so two early rejections of a good draft could keep K at 0
-        for good; the bonus shrinks as drafting rounds come in. In synthetic rounds with the H200's costs
-        (20 seeds each) it lifted the worst seed at acceptance 0.7-0.9 from 0.67-0.92 to 0.92-0.98 of
-        the best rate; means stayed at 0.96-0.99 for acceptance 0.1-0.9."""
+        for good; the bonus shrinks as drafting rounds come in (docs/BENCHMARKS.md has its effect)."""
         out, prev, strength = [], self.prior_alpha, self.prior_strength
         for i in range(n):
             m = self._alpha[i] if i < len(self._alpha) else None
@@ -184,19 +188,15 @@ class DraftLength:
             r0, t0 = pts[0]
             t1 = t0 / (1.0 + self.prior_row_cost * (r0 - 1))
             return t1 * (1.0 - self.prior_row_cost), t1 * self.prior_row_cost
-        mr = sum(r for r, _ in pts) / len(pts)
-        mt = sum(t for _, t in pts) / len(pts)
-        slope = max(sum((r - mr) * (t - mt) for r, t in pts) / sum((r - mr) ** 2 for r, _ in pts), 0.0)
-        return mt - slope * mr, slope
+        return _fit([(r, t, 1.0) for r, t in pts])
 
     def _values(self) -> list[tuple[int, float]]:
         """The seen (rows, t_v), where a row count above every well-measured one (so seen fewer than
         `trust_n` times) costs at most what the line through the row counts up to the best-measured
-        largest one says (not through other such thin ones, which may be as cold). Seen on the
-        H200 at acceptance 0.9: the first round speculates fully while the expert cache is cold (its
-        six-row pass 2-3x a warm one), that one sample stood for six rows for the whole run, and K = 1
-        ran where K = 5 was 1.3x faster. Optimism only where there is no evidence: a long K that looks
-        best by the line is chosen, measured again, and trusted (or not) after `trust_n` samples."""
+        largest one says (not through other such thin ones, which may be as cold). Seen on the H200:
+        the first round speculates fully while the expert cache is cold, and that one six-row sample
+        kept K = 5 out for the whole run. A long K that looks best by the line is chosen, measured
+        again, and trusted (or not) after `trust_n` samples."""
         raw = sorted((r, m.value) for r, m in self._verify.items())
         trusted = [r for r, m in self._verify.items() if m.n >= self.trust_n]
         if not trusted or len(raw) < 2:
@@ -213,7 +213,7 @@ class DraftLength:
         blocks: list[list[float]] = []           # [weighted sum, weight, first rows index]
         pts = self._values()
         for i, (r, v) in enumerate(pts):
-            w = float(self._verify[r].weight)
+            w = float(len(self._verify[r].samples))   # the samples the median stands for
             blocks.append([v * w, w, i])
             while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
                 s, w, _ = blocks.pop()
@@ -250,37 +250,24 @@ class DraftLength:
         measured at K = 2 made K = 5 look 1.7x dearer than it is and kept long drafts out. One K seen:
         proportional (c_0 = 0)."""
         pts = [(K, m.value, _weight(m)) for K, m in sorted(self._draft.items())]
-        if not pts:
-            return 0.0, 0.0
-        sw = sum(w for _, _, w in pts)
-        mk = sum(w * k for k, _, w in pts) / sw
-        mt = sum(w * t for _, t, w in pts) / sw
-        var = sum(w * (k - mk) ** 2 for k, _, w in pts)
-        c1 = sum(w * (k - mk) * (t - mt) for k, t, w in pts) / var if var > 0 else mt / mk
-        c1 = max(c1, 0.0)
-        c0 = mt - c1 * mk
-        if c0 < 0.0:                             # through the origin instead
+        c0, c1 = _fit(pts) if len(pts) > 1 else (-1.0, 0.0)
+        if c0 < 0.0 and pts:                     # one K, or a line below the origin: through the origin
             c0, c1 = 0.0, sum(w * k * t for k, t, w in pts) / sum(w * k * k for k, _, w in pts)
-        return c0, c1
+        return max(c0, 0.0), c1
 
-    def _e_tokens(self, K: int) -> float:
-        e, reach = 1.0, 1.0
-        for a in self.alpha(K, optimistic=True):       # as rates() sees it
-            reach *= a
-            e += reach
-        return e
+    def round_times(self, limit: int) -> list[float]:
+        """Expected seconds of a round with K drafts, K = 0..limit: t_d(K) + t_v(K + 1)."""
+        tv = self.verify_times(limit + 1)
+        c0, c1 = self.draft_line()
+        return [max((c0 + c1 * K if K else 0.0) + tv[K], 1e-9) for K in range(limit + 1)]
 
     def rates(self, limit: int) -> list[float]:
         """Expected tokens per second of a round with K drafts, K = 0..limit."""
-        tv = self.verify_times(limit + 1)
-        (c0, c1), alpha = self.draft_line(), self.alpha(limit, optimistic=True)
-        out, e_tokens, reach = [], 1.0, 1.0
-        for K in range(limit + 1):
-            if K > 0:
-                reach *= alpha[K - 1]
-                e_tokens += reach
-            out.append(e_tokens / max((c0 + c1 * K if K else 0.0) + tv[K], 1e-9))
-        return out
+        e_tokens, reach = [1.0], 1.0
+        for a in self.alpha(limit, optimistic=True):
+            reach *= a
+            e_tokens.append(e_tokens[-1] + reach)
+        return [e / t for e, t in zip(e_tokens, self.round_times(limit))]
 
     def best(self, limit: int) -> int:
         """argmax_K rate(K) over 0..limit; ties go to the smaller K (less work for the same speed)."""
