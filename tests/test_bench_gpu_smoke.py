@@ -23,7 +23,7 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
                          "--scale", "small"], capture_output=True, text=True, timeout=300)
     assert mk.returncode == 0, mk.stderr
     out = tmp_path / "bench.json"
-    systems = ["llama_ar_cpu", "sd_lru", "spac", "spac_ar", "llama_ar_offload1"]   # the last in a child process
+    systems = ["llama_ar_cpu", "sd_lru", "spac", "spac_ak", "spac_ar", "llama_ar_offload1"]   # the last in a child process
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"),
                         "--target", str(tmp_path / "bench-target.gguf"), "--draft", str(tmp_path / "bench-draft.gguf"),
                         "--systems", ",".join(systems), "--routing", "random", "--budgets", "0.17",
@@ -42,6 +42,9 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     for name in ("sd_lru", "spac"):                                # the oracle draft, 30 % of it corrupted
         assert rows[name]["draft_max"] == 5 and 0.6 <= rows[name]["acceptance"] <= 0.9, rows[name]["acceptance"]
     assert rows["spac_ar"]["draft_max"] == 0 and rows["spac_ar"]["acceptance"] is None
+    # adaptive K (lossless above, like every system): its rounds' K within 0..5
+    assert rows["spac_ak"]["adaptive"] and set(map(int, rows["spac_ak"]["k_histogram"])) <= set(range(6))
+    assert any(k.startswith("first:") for k in rows["sd_lru"]["draft_calls"])   # draft decodes timed by place
     assert rows["llama_ar_offload1"]["config"]["GGML_OP_OFFLOAD_MIN_BATCH"] == 1
     assert rows["spac"]["hits"] + rows["spac"]["misses"] > 0   # the cache saw the replayed routing
     steps = rows["spac"]["engine_ms_per_pass"]                  # where the engine's time goes reaches the JSON
