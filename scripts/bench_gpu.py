@@ -285,6 +285,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "rows": int(sum(probe.rows)),
         "acceptance": (drafter.accepted / drafter.examined) if drafter and drafter.examined else None,
         "acceptance_rate": st.acceptance_rate, "k_histogram": dict(st.k_counts),
+        # adaptive K's estimates after the run (acceptance per position, draft line, verify per rows)
+        "draft_length": pair.draft_length.summary() if adaptive and pair.draft_length else None,
         "diverged_at": drafter.diverged_at if drafter else None,
         # draft decode calls by rows (the pending tokens, then one per proposal): count, ms per call
         "draft_calls": {k: [c, 1e3 * t / c] for k, (c, t) in sorted(drafter.calls.items())} if drafter else {},
@@ -610,6 +612,7 @@ def aggregate(runs: list[dict]) -> dict:
     agg["acceptance_rate"] = float(np.mean(ar)) if ar else None
     agg["diverged"] = [r["diverged_at"] for r in runs if r["diverged_at"] is not None]
     agg["draft_calls"] = runs[-1]["draft_calls"]
+    agg["draft_length"] = runs[-1]["draft_length"]
     hist: dict = {}
     for r in runs:
         for k, c in r["k_histogram"].items():
