@@ -337,6 +337,33 @@ def test_a_plan_serves_the_rows_after_it_that_fit(model, threads):
         assert cache.counters()["plans"] - p0 == plans_per_layer * len(lay.moe_layers), f"{groups} groups"
 
 
+def test_a_plan_leaves_room_when_a_caller_duplicated_an_expert(model, threads):
+    """The C API lets a caller load one expert into two slots; such a slot takes no miss, so a plan
+    serves later rows only while their experts fit in the other slots. 4 slots (k = 2), expert 0 in
+    slots 0 and 1, rows naming experts 0-3 between them: a plan covering all rows would find no victim
+    for one of the three misses (that expert would read the zero slot); logits stay exact."""
+    m, lay = model
+    k = lay.n_expert_used
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    cache = ExpertCache(ctx.ptr, n_slots=2 * k, on_host=True)
+    toks = m.tokenize(PROMPTS[1])
+    assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
+    cache.sync()
+    for il in lay.moe_layers:
+        cache.load_async(il, 0, 0)
+        cache.load_async(il, 0, 1)
+    cache.wait_all()
+    cache.publish()
+    cache.set_inpass(1.0, 1 << 20, np.full((cache.n_layers, cache.n_expert), 0.1, np.float32), 0.0)
+    ids = np.array([[g * k + j for j in range(k)] for g in (0, 0, 1, 1, 0, 1)], np.int32)
+    for il in lay.moe_layers:
+        native.replay(ref.ptr, il, ids)
+        native.replay(ctx.ptr, il, ids)
+    batch = [int(t) for t in np.random.default_rng(13).integers(100, 1000, size=6)]
+    assert np.array_equal(ref.decode(batch, "all"), ctx.decode(batch, "all"))
+
+
 def test_routing_replay_computes_the_given_experts(model, threads):
     """Replaying the router's own choice is bit-identical; replaying other ids makes the export report
     exactly those ids and changes the logits; off restores the router."""
