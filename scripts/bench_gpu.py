@@ -285,7 +285,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "rows": int(sum(probe.rows)),
         "acceptance": (drafter.accepted / drafter.examined) if drafter and drafter.examined else None,
         "acceptance_rate": st.acceptance_rate, "k_histogram": dict(st.k_counts),
-        # adaptive K's estimates after the run (acceptance per position, draft line, verify per rows)
+        # adaptive K's estimates after the run (acceptance per position, draft line, verify per rows):
+        # the pair's controller, carried over from the warm-up and earlier cells (its K counts too)
         "draft_length": pair.draft_length.summary() if adaptive and pair.draft_length else None,
         "diverged_at": drafter.diverged_at if drafter else None,
         # draft decode calls by rows (the pending tokens, then one per proposal): count, ms per call
@@ -611,8 +612,13 @@ def aggregate(runs: list[dict]) -> dict:
     ar = [r["acceptance_rate"] for r in runs if r["acceptance_rate"] is not None]
     agg["acceptance_rate"] = float(np.mean(ar)) if ar else None
     agg["diverged"] = [r["diverged_at"] for r in runs if r["diverged_at"] is not None]
-    agg["draft_calls"] = runs[-1]["draft_calls"]
-    agg["draft_length"] = runs[-1]["draft_length"]
+    calls: dict = {}                                   # draft decodes summed over the runs: [count, ms per call]
+    for r in runs:
+        for key, (c, ms) in r["draft_calls"].items():
+            n0, ms0 = calls.get(key, (0, 0.0))
+            calls[key] = [n0 + c, (n0 * ms0 + c * ms) / (n0 + c)]
+    agg["draft_calls"] = calls
+    agg["draft_length"] = runs[-1]["draft_length"]      # the controller after the cell's last run
     hist: dict = {}
     for r in runs:
         for k, c in r["k_histogram"].items():
@@ -828,6 +834,7 @@ def main(argv=None) -> int:
                                 for r in a.routings}
     doc["method"]["pinned_experts"] = a.pinned
     doc["method"]["inpass"] = a.inpass
+    doc["method"]["draft_one_row"] = a.draft_one_row     # the draft decodes unseen tokens one row each
 
     # 2. phases: one pair in memory at a time (pinned host experts are a copy per pair, 17 GB each);
     #    within a pair: repeat -> routing -> acceptance

@@ -175,7 +175,7 @@ class DraftLength:
             m = self._alpha[0] if self._alpha else None
             w = _weight(m) if m is not None and m.n else 0.0
             p = out[0]
-            out[0] = min(0.99, p + self.optimism * math.sqrt(p * (1.0 - p) / (w + self.prior_strength)))
+            out[0] = max(p, min(0.99, p + self.optimism * math.sqrt(p * (1.0 - p) / (w + self.prior_strength))))
         return out
 
     def verify_time(self, rows: int) -> float:

@@ -264,6 +264,22 @@ def test_a_rarely_examined_position_reads_like_its_neighbour():
     assert a[0] > 0.9 and 0.8 < a[1] < a[0] and a[2] == a[1] and a[3] == a[1], a
 
 
+def test_draft_line_fits_rounds_and_falls_back_through_the_origin():
+    """A round's draft time c0 + c1 K: the least-squares line over the K seen; one K seen, or a line
+    whose intercept would be negative, goes through the origin (no negative fixed cost)."""
+    ctl = DraftLength()
+    assert ctl.draft_line() == (0.0, 0.0)
+    ctl.observe(2, 2, 0.0070, 0.02)
+    assert ctl.draft_line() == pytest.approx((0.0, 0.0035))
+    ctl.observe(5, 5, 0.0103, 0.03)
+    assert ctl.draft_line() == pytest.approx((0.0048, 0.0011))
+    ctl = DraftLength()
+    ctl.observe(1, 1, 0.001, 0.02)
+    ctl.observe(4, 4, 0.010, 0.03)                       # the line would cross at -2 ms
+    c0, c1 = ctl.draft_line()
+    assert c0 == 0.0 and c1 == pytest.approx((0.001 + 4 * 0.010) / (1 + 16))
+
+
 def test_limit_is_respected_near_the_end():
     ctl = DraftLength()
     simulate(ctl, [0.95] * 8, a=10.0, b=0.1, t_draft=0.2, limit=8, rounds=50)
