@@ -250,10 +250,14 @@ class DraftLength:
         measured at K = 2 made K = 5 look 1.7x dearer than it is and kept long drafts out. One K seen:
         proportional (c_0 = 0)."""
         pts = [(K, m.value, _weight(m)) for K, m in sorted(self._draft.items())]
-        c0, c1 = _fit(pts) if len(pts) > 1 else (-1.0, 0.0)
-        if c0 < 0.0 and pts:                     # one K, or a line below the origin: through the origin
-            c0, c1 = 0.0, sum(w * k * t for k, t, w in pts) / sum(w * k * k for k, _, w in pts)
-        return max(c0, 0.0), c1
+        if not pts:
+            return 0.0, 0.0
+        if len(pts) > 1:
+            c0, c1 = _fit(pts)
+            if c0 >= 0.0:
+                return c0, c1
+        # one K, or a line below the origin: through the origin
+        return 0.0, sum(w * k * t for k, t, w in pts) / sum(w * k * k for k, _, w in pts)
 
     def round_times(self, limit: int) -> list[float]:
         """Expected seconds of a round with K drafts, K = 0..limit: t_d(K) + t_v(K + 1)."""

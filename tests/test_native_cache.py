@@ -309,6 +309,15 @@ def test_passes_that_fit_run_all_in_slots(model, threads):
     assert cache.counters()["host_pairs"] == host_before        # no host branch ran
 
 
+def _replay_groups(lay, groups, *ctxs) -> None:
+    """The next decodes of every MoE layer route row r to group groups[r]: experts g k .. g k + k - 1."""
+    k = lay.n_expert_used
+    ids = np.array([[g * k + j for j in range(k)] for g in groups], np.int32)
+    for c in ctxs:
+        for il in lay.moe_layers:
+            native.replay(c.ptr, il, ids)
+
+
 def test_a_plan_serves_the_rows_after_it_that_fit(model, threads):
     """Chunks are sized for rows that share no expert; a plan also serves the rows after its chunk
     while all their experts fit in the slots, and their chunks run with no plan (no stop). With 2k
@@ -327,10 +336,7 @@ def test_a_plan_serves_the_rows_after_it_that_fit(model, threads):
     assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
     rng = np.random.default_rng(11)
     for groups, plans_per_layer in (((0, 0, 1, 1, 0, 1), 1), ((0, 1, 2, 0, 1, 2), 3), ((0, 0, 1, 1, 2, 2), 2)):
-        ids = np.array([[g * k + j for j in range(k)] for g in groups], np.int32)
-        for il in lay.moe_layers:
-            native.replay(ref.ptr, il, ids)
-            native.replay(ctx.ptr, il, ids)
+        _replay_groups(lay, groups, ref, ctx)
         batch = [int(t) for t in rng.integers(100, 1000, size=6)]
         p0 = cache.counters()["plans"]
         assert np.array_equal(ref.decode(batch, "all"), ctx.decode(batch, "all")), f"{groups} groups"
@@ -356,10 +362,7 @@ def test_a_plan_leaves_room_when_a_caller_duplicated_an_expert(model, threads):
     cache.wait_all()
     cache.publish()
     cache.set_inpass(1.0, 1 << 20, np.full((cache.n_layers, cache.n_expert), 0.1, np.float32), 0.0)
-    ids = np.array([[g * k + j for j in range(k)] for g in (0, 0, 1, 1, 0, 1)], np.int32)
-    for il in lay.moe_layers:
-        native.replay(ref.ptr, il, ids)
-        native.replay(ctx.ptr, il, ids)
+    _replay_groups(lay, (0, 0, 1, 1, 0, 1), ref, ctx)
     batch = [int(t) for t in np.random.default_rng(13).integers(100, 1000, size=6)]
     assert np.array_equal(ref.decode(batch, "all"), ctx.decode(batch, "all"))
 
