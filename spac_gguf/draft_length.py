@@ -17,6 +17,10 @@ drafts each pass accepted), so the choice follows the machine, the cache's state
 Acceptance and draft times are running means that turn into exponential averages once warm, verify
 times the median of the last five passes per row count, so they track drift (a warming expert cache
 makes verify rows cheaper) without following one cold pass, and start from priors that speculate.
+What the loop stops measuring also ages: a row count not measured for `stale_after` rounds is
+trusted no more than the line through the fresh ones (and its old samples go when it is measured
+again), and a later draft position's acceptance loses half its weight every `stale_after / 2`
+drafting rounds that do not examine it, so a workload change (the text, the cache's state) re-opens the K it had ruled out.
 Now and then a round probes K*+1, K*-1, the largest allowed K or plain decoding (K = 0), in turn
 (skipping K* itself): without probes, a K that once looked bad (K = 0 above all, which observes no
 acceptance at all; or a K measured once while the machine was busy) would never be re-measured. The
@@ -68,15 +72,21 @@ def _fit(pts: list[tuple[float, float, float]]) -> tuple[float, float]:
 class _Recent:
     """Median of the last `size` samples (n counts all): from three samples on, one cold pass among
     warm ones (the first round after a prompt, while the expert cache fills) does not move it (with
-    two it is their mean), and drift moves it in a few."""
+    two it is their mean), and drift moves it in a few. `last`: the round of the latest sample; a
+    sample after more than `expire` rounds without one starts afresh (the old ones describe another
+    state of the machine)."""
 
     def __init__(self, size: int = 5):
         self.samples: deque[float] = deque(maxlen=size)
         self.n = 0
+        self.last = 0
 
-    def add(self, x: float) -> None:
+    def add(self, x: float, now: int = 0, expire: float = math.inf) -> None:
+        if now - self.last > expire:
+            self.samples.clear()
         self.samples.append(x)
         self.n += 1
+        self.last = now
 
     @property
     def value(self) -> float:
@@ -89,7 +99,8 @@ class DraftLength:
     def __init__(self, adaptive: bool = True, *, prior_alpha: float = 0.7, prior_strength: float = 2.0,
                  neighbour_strength: float = 6.0,
                  alpha_floor: float = 0.03, time_floor: float = 0.1, prior_row_cost: float = 0.1,
-                 explore_every: int = 16, explore_share: float = 0.05, trust_n: int = 3, optimism: float = 0.5):
+                 explore_every: int = 16, explore_share: float = 0.05, trust_n: int = 3, optimism: float = 0.5,
+                 stale_after: int = 32):
         self.adaptive = adaptive
         self.prior_alpha, self.prior_strength, self.alpha_floor = prior_alpha, prior_strength, alpha_floor
         self.neighbour_strength = neighbour_strength   # how many rounds position i-1's rate is worth to i
@@ -98,6 +109,9 @@ class DraftLength:
         self.explore_every, self.explore_share = explore_every, explore_share
         self.trust_n = trust_n                   # samples before a row count's own time is believed (_values)
         self.optimism = optimism                 # standard errors added to position 0's acceptance (alpha)
+        self.stale_after = stale_after           # rounds after which what was not re-measured ages
+        self._t = 0                              # rounds observed
+        self._examined: list[int] = []           # per draft position: the round it was last examined
         self._alpha: list[_Mean] = []            # per draft position
         self._verify: dict[int, _Recent] = {}    # per row count
         self._draft: dict[int, _Mean] = {}       # seconds of a round's drafting, per K > 0
@@ -142,13 +156,16 @@ class DraftLength:
     def observe(self, K: int, accepted: int, t_draft: float, t_verify: float) -> None:
         """One round's outcome: K drafts proposed, `accepted` of them kept, its draft and verify seconds."""
         self.counts[K] = self.counts.get(K, 0) + 1
+        self._t += 1
         for i in range(min(accepted + 1, K)):    # position i is examined only if 0..i-1 were accepted
             while len(self._alpha) <= i:
                 self._alpha.append(_Mean(floor=self.alpha_floor))
+                self._examined.append(self._t)
             self._alpha[i].add(1.0 if i < accepted else 0.0)
+            self._examined[i] = self._t
         if K > 0:
             self._draft.setdefault(K, _Mean(floor=self.time_floor)).add(t_draft)
-        self._verify.setdefault(K + 1, _Recent()).add(t_verify)
+        self._verify.setdefault(K + 1, _Recent()).add(t_verify, self._t, self.stale_after)
 
     # ---- the model ----
 
@@ -167,16 +184,21 @@ class DraftLength:
         for i in range(n):
             m = self._alpha[i] if i < len(self._alpha) else None
             if m is not None and m.n:
-                w = _weight(m)
+                w = self._aged_weight(i)
                 prev = (w * m.value + strength * prev) / (w + strength)
             out.append(prev)
             strength = self.neighbour_strength
         if optimistic and out:
-            m = self._alpha[0] if self._alpha else None
-            w = _weight(m) if m is not None and m.n else 0.0
+            w = self._aged_weight(0) if self._alpha else 0.0
             p = out[0]
             out[0] = max(p, min(0.99, p + self.optimism * math.sqrt(p * (1.0 - p) / (w + self.prior_strength))))
         return out
+
+    def _aged_weight(self, i: int) -> float:
+        """Position i's observations, halved for every stale_after / 2 rounds that examined position 0
+        but not i (K chosen below i+1). Position 0 does not age: while K = 0 the probes re-examine it."""
+        age = self._examined[0] - self._examined[i] if i else 0
+        return _weight(self._alpha[i]) * 0.5 ** (2.0 * age / self.stale_after)
 
     def verify_time(self, rows: int) -> float:
         return self.verify_times(rows)[rows - 1]
@@ -198,7 +220,7 @@ class DraftLength:
         kept K = 5 out for the whole run. A long K that looks best by the line is chosen, measured
         again, and trusted (or not) after `trust_n` samples."""
         raw = sorted((r, m.value) for r, m in self._verify.items())
-        trusted = [r for r, m in self._verify.items() if m.n >= self.trust_n]
+        trusted = [r for r, m in self._verify.items() if len(m.samples) >= self.trust_n]
         if not trusted or len(raw) < 2:
             return raw
         top = max(trusted)
@@ -209,9 +231,14 @@ class DraftLength:
         """The seen (rows, t_v) (see _values) made non-decreasing in rows by pooling adjacent
         violators, each weighted by its observations: a pass with more rows never costs less with the
         same cache. Measurements are taken at different times (K = 0 measured while the expert cache
-        was cold and rarely after) and otherwise make a cheap row count look dear for good."""
+        was cold and rarely after) and otherwise make a cheap row count look dear for good. A row count
+        not measured for `stale_after` rounds that a fresh one contradicts (fewer rows dearer, or more
+        rows cheaper) is left out instead, to be interpolated: it describes an older machine state."""
         blocks: list[list[float]] = []           # [weighted sum, weight, first rows index]
         pts = self._values()
+        fresh = {r: v for r, v in pts if self._t - self._verify[r].last <= self.stale_after}
+        pts = [(r, v) for r, v in pts if r in fresh or not any(
+            (q > r and u < v) or (q < r and u > v) for q, u in fresh.items())]
         for i, (r, v) in enumerate(pts):
             w = float(len(self._verify[r].samples))   # the samples the median stands for
             blocks.append([v * w, w, i])
