@@ -15,8 +15,9 @@ Systems (all from our build; (1)-(3) run with the expert cache off):
                    (recorded here, on a different prompt, with plain decoding of the target)
   spac             speculative + expert cache, the SpAc policy (estimator + balancer)
   lru_ar, spac_ar  the same caches with plain decoding (K = 0)
-  spac_ak          spac with K chosen per round in 0..--draft-max (spac_gguf.draft_length; the controller
-                   learns on the warm-up run and keeps learning; its K histogram is in the row)
+  spac_ak          spac with K chosen per round in 0..--draft-max (spac_gguf.draft_length; one controller
+                   per routing and acceptance, learned on an untimed run of that workload on the warm-up
+                   prompt, then learning on; its K histogram is in the row)
   llama_ar_gpu     reference only: every weight on the GPU (the dense-part / all-GPU bound)
   llama_ar_offload1, llama_sd_offload1
                    llama_ar_cpu / llama_sd_cpu with llama.cpp's GGML_OP_OFFLOAD_MIN_BATCH=1: every pass
@@ -72,6 +73,7 @@ import llama_cpp  # noqa: E402
 
 from spac_gguf import gguf_layout, llama_backend, locality, native  # noqa: E402
 from spac_gguf.hardware import measure_cpu_stream_gbps  # noqa: E402
+from spac_gguf.draft_length import DraftLength  # noqa: E402
 from spac_gguf.engine import InPass  # noqa: E402
 from spac_gguf.pair import ModelPair, PassObserver  # noqa: E402
 from spac_gguf.speculative import Drafter  # noqa: E402
@@ -286,7 +288,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "acceptance": (drafter.accepted / drafter.examined) if drafter and drafter.examined else None,
         "acceptance_rate": st.acceptance_rate, "k_histogram": dict(st.k_counts),
         # adaptive K's estimates after the run (acceptance per position, draft line, verify per rows):
-        # the pair's controller, carried over from the warm-up and earlier cells (its K counts too)
+        # the cell's controller, carried over from its warm-up run and earlier repeats (its K counts too)
         "draft_length": pair.draft_length.summary() if adaptive and pair.draft_length else None,
         "diverged_at": drafter.diverged_at if drafter else None,
         # draft decode calls by rows (the pending tokens, then one per proposal): count, ms per call
@@ -821,6 +823,8 @@ def main(argv=None) -> int:
     n_vocab = ref.target.n_vocab
     ref.close()
     warm_oracle = (warm_cont,) + corruption(a.main_acceptance, a.tokens, n_vocab, warm_cont, seed=999)
+    warm_oracles = {acc: (warm_cont,) + corruption(acc, a.tokens, n_vocab, warm_cont, seed=999 + int(round(acc * 100)))
+                    for acc in a.acceptances}
     oracles = {acc: [(conts[i],) + corruption(acc, a.tokens, n_vocab, conts[i], seed=1000 * i + int(round(acc * 100)))
                      for i in range(a.repeats)] for acc in a.acceptances}
     log(f"reference continuations done ({time.perf_counter() - T0:.0f} s)")
@@ -878,6 +882,7 @@ def main(argv=None) -> int:
             run_once(pair, probe, warm_prompt, a.tokens, K0, warm_oracle if K0 else None,
                      replays[a.routings[0]][-1] if replays[a.routings[0]] else None, s in ADAPTIVE, a.draft_one_row)
             runs: dict[tuple, list] = {}
+            controllers: dict[tuple, DraftLength] = {}   # adaptive K: one per workload (routing, acceptance)
             for rep in range(a.repeats):
                 for routing in a.routings:
                     for acc in accs:
@@ -886,6 +891,15 @@ def main(argv=None) -> int:
                             continue
                         K = a.draft_max if acc is not None else 0
                         rp = replays[routing][rep] if replays[routing] else None
+                        if s in ADAPTIVE and K:
+                            if (routing, acc) not in controllers:
+                                # a controller that has seen this workload: one untimed run on the warm-up
+                                # prompt with the cell's routing and acceptance (a serving process learns
+                                # on its first requests; 48 tokens are ~25 rounds, too few to time learning)
+                                pair.draft_length = controllers[(routing, acc)] = DraftLength()
+                                run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracles[acc],
+                                         replays[routing][-1] if replays[routing] else None, True, a.draft_one_row)
+                            pair.draft_length = controllers[(routing, acc)]
                         toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None, rp,
                                            s in ADAPTIVE, a.draft_one_row)
                         m["matches_reference"] = toks == conts[rep]
