@@ -76,7 +76,7 @@ from spac_gguf.hardware import measure_cpu_stream_gbps  # noqa: E402
 from spac_gguf.draft_length import DraftLength  # noqa: E402
 from spac_gguf.engine import InPass  # noqa: E402
 from spac_gguf.pair import ModelPair, PassObserver  # noqa: E402
-from spac_gguf.speculative import Drafter  # noqa: E402
+from spac_gguf.speculative import CatchUp, Drafter  # noqa: E402
 
 SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak")
 ADAPTIVE = ("spac_ak",)
@@ -110,12 +110,12 @@ def log(*a):
 class OracleDrafter(Drafter):
     """Proposals: the target's recorded greedy continuation, position j replaced by `replacement[j]`
     where `mask[j]` (probability 1 - a). The draft model decodes exactly as Drafter.propose does
-    (pending tokens, then one row per proposal), fed the proposals it makes, so its KV stays valid."""
+    (pending tokens, the pair's catch-up choice for two, then one row per proposal), fed the proposals
+    it makes, so its KV stays valid."""
 
     def __init__(self, ctx, prompt_len: int, continuation: list[int], mask: np.ndarray, replacement: np.ndarray,
-                 one_row: bool = False):
-        super().__init__(ctx)
-        self.one_row = one_row                         # pending tokens one decode each (--draft-one-row)
+                 catch_up=None):
+        super().__init__(ctx, catch_up)
         self.prompt_len = prompt_len
         self.cont = list(continuation)
         self.mask, self.replacement = mask, replacement
@@ -133,12 +133,8 @@ class OracleDrafter(Drafter):
             self.diverged_at = next(i for i in range(n) if i >= len(self.cont) or gen[i] != self.cont[i])
         drafts: list[int] = []
         pending = tokens[self.ctx.n_past:]
-        if self.one_row:
-            for tok in pending[:-1]:
-                self._timed([tok], "catchup")
-            pending = pending[-1:]
         for i in range(K):
-            logits = self._timed(pending, "first" if i == 0 else "next")
+            logits = self._first(pending) if i == 0 else self._decode(pending, "next")
             own = int(np.argmax(logits))               # the real draft's choice: computed, then replaced
             j = n + i
             if self.diverged_at is None and j < len(self.cont):
@@ -150,7 +146,7 @@ class OracleDrafter(Drafter):
         self._L, self._K = len(tokens), K
         return drafts, []
 
-    def _timed(self, toks: list[int], when: str) -> np.ndarray:
+    def _decode(self, toks: list[int], when: str) -> np.ndarray:
         """One draft decode, timed by its place in the round and its rows (the first decode of a round
         follows the target's pass and carries the tokens the draft has not seen)."""
         t = time.perf_counter()
@@ -259,7 +255,7 @@ def cache_counters(pair: ModelPair) -> dict:
 
 def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
              oracle: tuple | None, replay: np.ndarray | None = None, adaptive: bool = False,
-             one_row: bool = False) -> tuple[list[int], dict]:
+             catch_up: str = "auto") -> tuple[list[int], dict]:
     """One greedy generation of exactly n tokens; K = 0 is plain decoding; adaptive: K per round up to K."""
     pair.target_ctx.reset()
     probe.replay = replay
@@ -267,7 +263,9 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
     if K > 0:
         pair.draft_ctx.reset()
         cont, mask, rep = oracle
-        drafter = OracleDrafter(pair.draft_ctx, len(prompt), cont, mask, rep, one_row)
+        if pair.catch_up.mode != catch_up:
+            pair.catch_up = CatchUp(catch_up)
+        drafter = OracleDrafter(pair.draft_ctx, len(prompt), cont, mask, rep, pair.catch_up)
     probe.reset()
     c0 = cache_counters(pair)
     n0 = pair.cache.counters() if pair.cache is not None and native.available() else None
@@ -293,6 +291,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "diverged_at": drafter.diverged_at if drafter else None,
         # draft decode calls by rows (the pending tokens, then one per proposal): count, ms per call
         "draft_calls": {k: [c, 1e3 * t / c] for k, (c, t) in sorted(drafter.calls.items())} if drafter else {},
+        # the pair's two-token catch-up: mean ms of one two-row decode and of two one-row ones, and counts
+        "catch_up": {("split" if k else "batch"): [c, 1e3 * t] for k, (c, t) in pair.catch_up.seconds.items()} if drafter else {},
         "hits": c1["hits"] - c0["hits"], "misses": c1["misses"] - c0["misses"], "bytes_copied": c1["bytes"] - c0["bytes"],
         "unique_experts": int(sum(probe.unique)), "uncached_experts": int(sum(probe.uncached)),
         "inpass_loads": (n1["inpass_loads"] - n0["inpass_loads"]) if n0 else 0,
@@ -621,6 +621,7 @@ def aggregate(runs: list[dict]) -> dict:
             calls[key] = [n0 + c, (n0 * ms0 + c * ms) / (n0 + c)]
     agg["draft_calls"] = calls
     agg["draft_length"] = runs[-1]["draft_length"]      # the controller after the cell's last run
+    agg["catch_up"] = runs[-1]["catch_up"]              # the pair's catch-up timings after the cell
     hist: dict = {}
     for r in runs:
         for k, c in r["k_histogram"].items():
@@ -703,9 +704,9 @@ def main(argv=None) -> int:
     ap.add_argument("--spac-bonus", type=float, default=float("inf"), metavar="B",
                     help="spac: with a host branch a miss takes the slot of an expert whose utility is below its own "
                          "+ B x its rows in the pass (default inf, the library's: always evict the lowest, as sd_lru)")
-    ap.add_argument("--draft-one-row", action="store_true",
-                    help="the draft decodes the tokens it has not seen one row at a time (an A/B: a round's first "
-                         "draft decode cost ~6 ms against ~1 ms for the next ones on the H200)")
+    ap.add_argument("--catch-up", choices=("auto", "batch", "split"), default="auto",
+                    help="how the draft decodes two tokens it has not seen: the library's default auto (timed both "
+                         "ways, the faster used), one two-row decode, or two one-row decodes (an A/B)")
     ap.add_argument("--spac-prefetch", action="store_true",
                     help="spac: also prefetch the MIP's plan between passes (the library leaves it off with in-pass loads)")
     ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",
@@ -838,7 +839,7 @@ def main(argv=None) -> int:
                                 for r in a.routings}
     doc["method"]["pinned_experts"] = a.pinned
     doc["method"]["inpass"] = a.inpass
-    doc["method"]["draft_one_row"] = a.draft_one_row     # the draft decodes unseen tokens one row each
+    doc["method"]["catch_up"] = a.catch_up               # the draft's two-token catch-up (speculative.CatchUp)
 
     # 2. phases: one pair in memory at a time (pinned host experts are a copy per pair, 17 GB each);
     #    within a pair: repeat -> routing -> acceptance
@@ -880,7 +881,7 @@ def main(argv=None) -> int:
             K0 = a.draft_max if s in SD_SYSTEMS else 0
             # warm-up: one untimed run on the calibration prompt (kernels, page cache, cache fill)
             run_once(pair, probe, warm_prompt, a.tokens, K0, warm_oracle if K0 else None,
-                     replays[a.routings[0]][-1] if replays[a.routings[0]] else None, s in ADAPTIVE, a.draft_one_row)
+                     replays[a.routings[0]][-1] if replays[a.routings[0]] else None, s in ADAPTIVE, a.catch_up)
             runs: dict[tuple, list] = {}
             controllers: dict[tuple, DraftLength] = {}   # adaptive K: one per workload (routing, acceptance)
             for rep in range(a.repeats):
@@ -898,10 +899,10 @@ def main(argv=None) -> int:
                                 # on its first requests; 48 tokens are ~25 rounds, too few to time learning)
                                 pair.draft_length = controllers[(routing, acc)] = DraftLength()
                                 run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracles[acc],
-                                         replays[routing][-1] if replays[routing] else None, True, a.draft_one_row)
+                                         replays[routing][-1] if replays[routing] else None, True, a.catch_up)
                             pair.draft_length = controllers[(routing, acc)]
                         toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None, rp,
-                                           s in ADAPTIVE, a.draft_one_row)
+                                           s in ADAPTIVE, a.catch_up)
                         m["matches_reference"] = toks == conts[rep]
                         runs.setdefault((routing, acc), []).append(m)
             for (routing, acc), rs in runs.items():

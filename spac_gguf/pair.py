@@ -25,7 +25,7 @@ from .llama_backend import BackendError, errors_worded_by_caller, LlamaContext, 
 from .registry import DEFAULT_DRAFT_MAX
 from .routing import EvalCallbackRouting, RoutingSource
 from .sampling import Sampler
-from .speculative import ContextSide, Drafter, DrafterLike, Stats, generate as speculative_generate
+from .speculative import CatchUp, ContextSide, Drafter, DrafterLike, Stats, generate as speculative_generate
 from .trace import RoutingTrace, TraceRecorder
 
 
@@ -201,6 +201,7 @@ class ModelPair:
                                 f"and caps one decode at {self.target_ctx.n_batch} rows")
         # K per round; its cost and acceptance estimates outlive one generate() (same machine, same pair)
         self.draft_length = DraftLength() if self.draft is not None else None
+        self.catch_up = CatchUp()                        # the draft's two-token catch-up, by measurement
         self.last_stats: Stats | None = None
 
     def _slots_from_free_memory(self, planned: int) -> int:
@@ -361,7 +362,7 @@ class ModelPair:
         drafter = None
         if self.draft_ctx is not None and draft_max > 0:
             self.draft_ctx.reset()
-            drafter = custom_drafter if custom_drafter is not None else Drafter(self.draft_ctx)
+            drafter = custom_drafter if custom_drafter is not None else Drafter(self.draft_ctx, self.catch_up)
         self.verifier.recorder = recorder
         sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -50,7 +50,7 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     # adaptive K (lossless above, like every system) reports its controller's estimates
     assert rows["spac_ak"]["adaptive"] and len(rows["spac_ak"]["draft_length"]["alpha"]) >= 1
     assert any(k.startswith("first:") for k in rows["sd_lru"]["draft_calls"])   # draft decodes timed by place
-    assert doc["method"]["draft_one_row"] is False
+    assert doc["method"]["catch_up"] == "auto"
     assert rows["llama_ar_offload1"]["config"]["GGML_OP_OFFLOAD_MIN_BATCH"] == 1
     assert rows["spac"]["hits"] + rows["spac"]["misses"] > 0   # the cache saw the replayed routing
     steps = rows["spac"]["engine_ms_per_pass"]                  # where the engine's time goes reaches the JSON
@@ -58,25 +58,27 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     assert rows["llama_ar_cpu"]["engine_ms_per_pass"] == {}
 
 
-def test_bench_draft_one_row_keeps_the_same_work(tmp_path):
-    """--draft-one-row (the draft catches up one row per decode): same tokens, same acceptance as the
-    default drafter, and the catch-up decodes (after a round accepted every draft: a = 0.9) are
-    counted apart."""
+def test_bench_catch_up_ways_keep_the_same_work(tmp_path):
+    """--catch-up split / batch (how the draft decodes the two tokens it has not seen after a round that
+    accepted every draft: a = 0.9): same tokens, same acceptance either way, the one-row catch-up
+    decodes counted apart, and each way timed only when used."""
     mk = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_bench_model.py"), "--out", str(tmp_path),
                          "--scale", "small"], capture_output=True, text=True, timeout=300)
     assert mk.returncode == 0, mk.stderr
     acc = {}
-    for flag in ([], ["--draft-one-row"]):
-        out = tmp_path / f"bench{len(flag)}.json"
+    for way in ("batch", "split"):
+        out = tmp_path / f"bench-{way}.json"
         r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"),
                             "--target", str(tmp_path / "bench-target.gguf"), "--draft", str(tmp_path / "bench-draft.gguf"),
                             "--systems", "llama_sd_cpu", "--routing", "random", "--acceptances", "0.9",
-                            "--repeats", "1", "-n", "24", "--no-bw", "-t", "2", "--out", str(out), *flag],
+                            "--repeats", "1", "-n", "24", "--no-bw", "-t", "2", "--out", str(out), "--catch-up", way],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
-        row = json.loads(out.read_text())["results"][0]
-        assert row["output_matches_reference"] is True
-        acc[bool(flag)] = row["acceptance"]
+        doc = json.loads(out.read_text())
+        row = doc["results"][0]
+        assert doc["method"]["catch_up"] == way and row["output_matches_reference"] is True
+        acc[way] = row["acceptance"]
         catchups = [k for k in row["draft_calls"] if k.startswith("catchup:")]
-        assert bool(catchups) == bool(flag), row["draft_calls"]
-    assert acc[True] == acc[False]
+        assert bool(catchups) == (way == "split"), row["draft_calls"]
+        assert row["catch_up"][way][0] > 0 and row["catch_up"]["batch" if way == "split" else "split"][0] == 0
+    assert acc["split"] == acc["batch"]

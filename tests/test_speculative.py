@@ -8,7 +8,7 @@ from scipy import stats as sstats
 from spac_gguf.llama_backend import LlamaContext, LlamaModel
 from spac_gguf.pair import TargetVerifier, load
 from spac_gguf.sampling import Sampler
-from spac_gguf.speculative import accept, generate
+from spac_gguf.speculative import CatchUp, accept, generate
 
 from conftest import PROMPTS
 
@@ -54,17 +54,43 @@ def test_plain_decoding_equals_one_token_at_a_time(pair_files, threads):
     assert ours == ref
 
 
-def test_draft_with_same_weights_is_always_accepted(pair_files, threads):
-    """The target as its own draft: every proposal must be accepted (checks the KV bookkeeping)."""
+@pytest.mark.parametrize("way", ["auto", "batch", "split"])
+def test_draft_with_same_weights_is_always_accepted(pair_files, threads, way):
+    """The target as its own draft: every proposal must be accepted (checks the KV bookkeeping), with
+    each way of catching the draft up on the two tokens a fully accepted round leaves it."""
     target, _ = pair_files
     p = load(target, target, n_ctx=256, n_threads=threads)
+    p.catch_up = CatchUp(way)
     out = _tokens(p, PROMPTS[1], 4)
     st = p.last_stats
     assert st.acceptance_rate == pytest.approx(1.0)
     # 64 tokens at K=4: each pass emits 5 tokens (the last round drafts only what is still needed)
     assert st.n_target_passes == -(-N_TOKENS // 5)
+    used = {k: c for k, (c, _) in p.catch_up.seconds.items()}
+    assert sum(used.values()) == st.n_target_passes - 1        # every round after the first caught up on two
+    if way != "auto":
+        assert used[way == "split"] == sum(used.values())
+    else:
+        assert min(used.values()) >= p.catch_up.tries           # both ways timed
     assert out == _tokens(p, PROMPTS[1], 0)
     p.close()
+
+
+def test_catch_up_tries_both_ways_then_uses_the_faster_and_rechecks():
+    c = CatchUp(tries=2, recheck=8)
+    seen = []
+    for _ in range(4):                                         # alternates until each way is timed twice
+        split = c.split()
+        seen.append(split)
+        c.timed(split, 0.004 if split else 0.0055)
+    assert sorted(seen) == [False, False, True, True]
+    ways = [c.split() for _ in range(16)]
+    assert ways.count(True) == 14 and ways.count(False) == 2   # the faster, the other every 8th use
+    for _ in range(20):                                        # the machine changes: splitting gets dear
+        c.timed(True, 0.009)
+    assert [c.split() for _ in range(16)].count(False) == 14
+    with pytest.raises(ValueError):
+        CatchUp("sometimes")
 
 
 def _chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
