@@ -525,6 +525,10 @@ def roofline(res: dict, lay, bw: dict, gpu_pass_s: float, gpu_pass_basis: str,
             out_pass = {"rows": rows, "gpu_pass_s": t_gpu, "cpu_bytes": cpu_b, "upload_bytes": up_b,
                         "dram_gbps": dram, "link_gbps": link, "roofline_s": roof_s, "measured_s": meas_s,
                         "ratio": meas_s / roof_s}
+            if up_b > 0 and cpu_b <= 0.01 * up_b and meas_s > t_gpu:
+                # all misses on the GPU: the in-pass miss path's effective rate, a pass's uploads over the time
+                # it took beyond the all-GPU pass of its rows (it also pays the stops and plans: a lower bound)
+                out_pass["inpass_upload_gbps"] = up_b / (meas_s - t_gpu) / 1e9
     passes = res["passes"]
     t_cpu = cpu_bytes / (dram * 1e9)
     t_min = draft_s + passes * gpu_pass_s + t_cpu
