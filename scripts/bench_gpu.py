@@ -121,7 +121,7 @@ class OracleDrafter(Drafter):
         self.mask, self.replacement = mask, replacement
         self.rounds = self.accepted = self.examined = 0
         self.diverged_at: int | None = None
-        self.calls: dict[str, list] = {}               # draft decodes, "catchup|first|next:rows": [count, s]
+        self.calls: dict[str, list] = {}               # draft decodes, "backlog|catchup|first|next:rows": [count, s]
         self._L = self._K = 0
 
     def propose(self, tokens, K, sampler):
