@@ -157,10 +157,11 @@ class OracleDrafter(Drafter):
         return logits
 
     def keep(self, n_valid: int) -> None:
-        a = n_valid - self._L
-        self.rounds += 1
-        self.accepted += a
-        self.examined += a + (1 if a < self._K else 0)
+        if self._proposed:                             # a drafting round (keep also follows K = 0 rounds)
+            a = n_valid - self._L
+            self.rounds += 1
+            self.accepted += a
+            self.examined += a + (1 if a < self._K else 0)
         super().keep(n_valid)
 
 
@@ -284,6 +285,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "tps": st.tokens_per_second, "n_generated": st.n_generated, "passes": st.n_target_passes,
         "rows": int(sum(probe.rows)),
         "acceptance": (drafter.accepted / drafter.examined) if drafter and drafter.examined else None,
+        # the oracle's own count of accepted drafts agrees with the loop's (a check of the accounting)
+        "accepted_matches_loop": (drafter.accepted == st.n_draft_accepted) if drafter else None,
         "acceptance_rate": st.acceptance_rate, "k_histogram": dict(st.k_counts),
         # adaptive K's estimates after the run (acceptance per position, draft line, verify per rows):
         # the cell's controller, carried over from its warm-up run and earlier repeats (its K counts too)
@@ -291,8 +294,9 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "diverged_at": drafter.diverged_at if drafter else None,
         # draft decode calls by rows (the pending tokens, then one per proposal): count, ms per call
         "draft_calls": {k: [c, 1e3 * t / c] for k, (c, t) in sorted(drafter.calls.items())} if drafter else {},
-        # the pair's two-token catch-up: mean ms of one two-row decode and of two one-row ones, and counts
-        "catch_up": {("split" if k else "batch"): [c, 1e3 * t] for k, (c, t) in pair.catch_up.seconds.items()} if drafter else {},
+        # the pair's two-token catch-up after the run (its state over the pair's life, warm-ups and earlier
+        # cells included): [uses timed, mean ms] of one two-row decode and of two one-row ones
+        "catch_up_pair": {("split" if k else "batch"): [c, 1e3 * t] for k, (c, t) in pair.catch_up.seconds.items()} if drafter else {},
         "hits": c1["hits"] - c0["hits"], "misses": c1["misses"] - c0["misses"], "bytes_copied": c1["bytes"] - c0["bytes"],
         "unique_experts": int(sum(probe.unique)), "uncached_experts": int(sum(probe.uncached)),
         "inpass_loads": (n1["inpass_loads"] - n0["inpass_loads"]) if n0 else 0,
@@ -618,6 +622,8 @@ def aggregate(runs: list[dict]) -> dict:
     ar = [r["acceptance_rate"] for r in runs if r["acceptance_rate"] is not None]
     agg["acceptance_rate"] = float(np.mean(ar)) if ar else None
     agg["diverged"] = [r["diverged_at"] for r in runs if r["diverged_at"] is not None]
+    checks = [r["accepted_matches_loop"] for r in runs if r["accepted_matches_loop"] is not None]
+    agg["accepted_matches_loop"] = all(checks) if checks else None
     calls: dict = {}                                   # draft decodes summed over the runs: [count, ms per call]
     for r in runs:
         for key, (c, ms) in r["draft_calls"].items():
@@ -625,7 +631,7 @@ def aggregate(runs: list[dict]) -> dict:
             calls[key] = [n0 + c, (n0 * ms0 + c * ms) / (n0 + c)]
     agg["draft_calls"] = calls
     agg["draft_length"] = runs[-1]["draft_length"]      # the controller after the cell's last run
-    agg["catch_up"] = runs[-1]["catch_up"]              # the pair's catch-up timings after the cell
+    agg["catch_up_pair"] = runs[-1]["catch_up_pair"]    # the pair's catch-up timings after the cell
     hist: dict = {}
     for r in runs:
         for k, c in r["k_histogram"].items():
@@ -888,6 +894,7 @@ def main(argv=None) -> int:
                      replays[a.routings[0]][-1] if replays[a.routings[0]] else None, s in ADAPTIVE, a.catch_up)
             runs: dict[tuple, list] = {}
             controllers: dict[tuple, DraftLength] = {}   # adaptive K: one per workload (routing, acceptance)
+            warmed: set[tuple] = set()                   # cells that had their untimed run
             for rep in range(a.repeats):
                 for routing in a.routings:
                     for acc in accs:
@@ -896,14 +903,19 @@ def main(argv=None) -> int:
                             continue
                         K = a.draft_max if acc is not None else 0
                         rp = replays[routing][rep] if replays[routing] else None
+                        if (routing, acc) not in warmed:
+                            # every system, every cell: one untimed run on the warm-up prompt with the
+                            # cell's routing and acceptance. Adaptive K gets a controller of its own per
+                            # workload and learns on it (a serving process learns on its first requests;
+                            # 48 tokens are ~25 rounds, too few to time learning); the caches see the
+                            # cell's routing preset before it is timed, the same for every system.
+                            warmed.add((routing, acc))
+                            if s in ADAPTIVE and K:
+                                controllers[(routing, acc)] = DraftLength()
+                                pair.draft_length = controllers[(routing, acc)]
+                            run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracles[acc] if K else None,
+                                     replays[routing][-1] if replays[routing] else None, s in ADAPTIVE, a.catch_up)
                         if s in ADAPTIVE and K:
-                            if (routing, acc) not in controllers:
-                                # a controller that has seen this workload: one untimed run on the warm-up
-                                # prompt with the cell's routing and acceptance (a serving process learns
-                                # on its first requests; 48 tokens are ~25 rounds, too few to time learning)
-                                pair.draft_length = controllers[(routing, acc)] = DraftLength()
-                                run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracles[acc],
-                                         replays[routing][-1] if replays[routing] else None, True, a.catch_up)
                             pair.draft_length = controllers[(routing, acc)]
                         toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None, rp,
                                            s in ADAPTIVE, a.catch_up)

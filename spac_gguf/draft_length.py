@@ -19,8 +19,8 @@ times the median of the last five passes per row count, so they track drift (a w
 makes verify rows cheaper) without following one cold pass, and start from priors that speculate.
 What the loop stops measuring also ages: a row count not measured for `stale_after` rounds is
 trusted no more than the line through the fresh ones (and its old samples go when it is measured
-again), and a later draft position's acceptance loses half its weight every `stale_after / 2`
-drafting rounds that do not examine it, so a workload change (the text, the cache's state) re-opens the K it had ruled out.
+again when outside their range), and a later draft position's acceptance loses half its weight every
+`stale_after / 2` drafting rounds that do not offer it (K below it), so a workload change (the text, the cache's state) re-opens the K it had ruled out.
 Now and then a round probes K*+1, K*-1, the largest allowed K or plain decoding (K = 0), in turn
 (skipping K* itself): without probes, a K that once looked bad (K = 0 above all, which observes no
 acceptance at all; or a K measured once while the machine was busy) would never be re-measured. The
@@ -73,16 +73,19 @@ class _Recent:
     """Median of the last `size` samples (n counts all): from three samples on, one cold pass among
     warm ones (the first round after a prompt, while the expert cache fills) does not move it (with
     two it is their mean), and drift moves it in a few. `last`: the round of the latest sample; a
-    sample after more than `expire` rounds without one starts afresh (the old ones describe another
-    state of the machine)."""
+    sample after more than `expire` rounds without one that falls outside the old samples' range (by
+    more than `slack`) starts afresh: the old ones describe another state of the machine. (Inside it,
+    they stay: a row count measured only by probes, which come back less often than `expire`, keeps
+    the median's protection against one cold pass.)"""
 
     def __init__(self, size: int = 5):
         self.samples: deque[float] = deque(maxlen=size)
         self.n = 0
         self.last = 0
 
-    def add(self, x: float, now: int = 0, expire: float = math.inf) -> None:
-        if now - self.last > expire:
+    def add(self, x: float, now: int = 0, expire: float = math.inf, slack: float = 0.15) -> None:
+        if self.samples and now - self.last > expire and not (
+                (1.0 - slack) * min(self.samples) <= x <= (1.0 + slack) * max(self.samples)):
             self.samples.clear()
         self.samples.append(x)
         self.n += 1
@@ -109,9 +112,12 @@ class DraftLength:
         self.explore_every, self.explore_share = explore_every, explore_share
         self.trust_n = trust_n                   # samples before a row count's own time is believed (_values)
         self.optimism = optimism                 # standard errors added to position 0's acceptance (alpha)
+        if stale_after < 1:
+            raise ValueError(f"stale_after must be >= 1, not {stale_after}")
         self.stale_after = stale_after           # rounds after which what was not re-measured ages
         self._t = 0                              # rounds observed
-        self._examined: list[int] = []           # per draft position: the round it was last examined
+        self._drafting = 0                       # rounds observed with K > 0
+        self._offered: list[int] = []            # per draft position i: _drafting when K > i last
         self._alpha: list[_Mean] = []            # per draft position
         self._verify: dict[int, _Recent] = {}    # per row count
         self._draft: dict[int, _Mean] = {}       # seconds of a round's drafting, per K > 0
@@ -157,12 +163,15 @@ class DraftLength:
         """One round's outcome: K drafts proposed, `accepted` of them kept, its draft and verify seconds."""
         self.counts[K] = self.counts.get(K, 0) + 1
         self._t += 1
+        if K > 0:
+            self._drafting += 1
+            while len(self._offered) < K:
+                self._offered.append(self._drafting)
+            self._offered[:K] = [self._drafting] * K
         for i in range(min(accepted + 1, K)):    # position i is examined only if 0..i-1 were accepted
             while len(self._alpha) <= i:
                 self._alpha.append(_Mean(floor=self.alpha_floor))
-                self._examined.append(self._t)
             self._alpha[i].add(1.0 if i < accepted else 0.0)
-            self._examined[i] = self._t
         if K > 0:
             self._draft.setdefault(K, _Mean(floor=self.time_floor)).add(t_draft)
         self._verify.setdefault(K + 1, _Recent()).add(t_verify, self._t, self.stale_after)
@@ -195,9 +204,10 @@ class DraftLength:
         return out
 
     def _aged_weight(self, i: int) -> float:
-        """Position i's observations, halved for every stale_after / 2 rounds that examined position 0
-        but not i (K chosen below i+1). Position 0 does not age: while K = 0 the probes re-examine it."""
-        age = self._examined[0] - self._examined[i] if i else 0
+        """Position i's observations, halved for every stale_after / 2 drafting rounds that did not offer
+        it (K chosen below i+1); rounds that offered it and stopped earlier (a rejection before it) do
+        not age it. Position 0 does not age: while K = 0 the probes re-examine it."""
+        age = self._drafting - self._offered[i] if i < len(self._offered) else 0
         return _weight(self._alpha[i]) * 0.5 ** (2.0 * age / self.stale_after)
 
     def verify_time(self, rows: int) -> float:

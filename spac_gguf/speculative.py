@@ -163,22 +163,33 @@ class Drafter(ContextSide):
         super().__init__(ctx)
         self.catch_up = catch_up if catch_up is not None else CatchUp()
         self.backlog_s = 0.0     # of the last propose: catching up on rounds that did not draft
+        self._left = 1           # unseen tokens the last drafting round left (1, or 2 if all accepted)
+        self._proposed = False
+
+    def keep(self, n_valid: int) -> None:
+        super().keep(n_valid)
+        if self._proposed:      # a drafting round: the target's token follows the n_valid kept ones
+            self._left = n_valid + 1 - self.ctx.n_past
+            self._proposed = False
 
     def _decode(self, toks: list[int], when: str) -> np.ndarray:
         """One draft decode; `when`: "catchup", "first" or "next" in the round (the bench times them)."""
         return self.ctx.decode(toks, "last")[0]
 
     def _first(self, pending: list[int]) -> np.ndarray:
-        """The round's first decode: the tokens the draft has not seen, last row's logits. More than two
-        are a backlog of rounds that did not draft (K = 0): decoded apart and timed as `backlog_s`, a
-        cost of switching drafting back on, not of a drafting round (the H200 showed it: counted in, it
-        priced a round's drafting at 8 ms where it takes 2-4, and K stayed at 0)."""
+        """The round's first decode: the tokens the draft has not seen, last row's logits. Those beyond
+        what the last drafting round left are a backlog of rounds that did not draft (K = 0): decoded
+        apart and timed as `backlog_s`, a cost of switching drafting back on, not of a drafting round
+        (the H200 showed it: counted in, it priced a round's drafting at 8 ms where it takes 2-4, and K
+        stayed at 0)."""
         self.backlog_s = 0.0
-        if len(pending) > 2:
+        self._proposed = True
+        extra = len(pending) - self._left
+        if extra > 0:
             t = time.perf_counter()
-            self._decode(pending[:-1], "backlog")
+            self._decode(pending[:extra], "backlog")
             self.backlog_s = time.perf_counter() - t
-            pending = pending[-1:]
+            pending = pending[extra:]
         if len(pending) != 2:
             return self._decode(pending, "first")
         split = self.catch_up.split()

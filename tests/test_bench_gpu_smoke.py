@@ -40,6 +40,7 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
         assert own < seen <= own + 20, (own, seen)
     for name, row in rows.items():
         assert row["output_matches_reference"] is True, name
+        assert row["accepted_matches_loop"] in (None, True), name    # the oracle's acceptance accounting
         assert row["routing"] == "random" and row["n_generated"] == 20, name
         # the passes computed the trace's experts (the bench's own check of its replay)
         assert row["replay_rows_checked"] >= 20 and row["replay_rows_mismatched"] == 0, name
@@ -80,5 +81,5 @@ def test_bench_catch_up_ways_keep_the_same_work(tmp_path):
         acc[way] = row["acceptance"]
         catchups = [k for k in row["draft_calls"] if k.startswith("catchup:")]
         assert bool(catchups) == (way == "split"), row["draft_calls"]
-        assert row["catch_up"][way][0] > 0 and row["catch_up"]["batch" if way == "split" else "split"][0] == 0
+        assert row["catch_up_pair"][way][0] > 0 and row["catch_up_pair"]["batch" if way == "split" else "split"][0] == 0
     assert acc["split"] == acc["batch"]
