@@ -271,6 +271,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
     c0 = cache_counters(pair)
     n0 = pair.cache.counters() if pair.cache is not None and native.available() else None
     e0 = dict(pair.engine.timers) if pair.engine is not None else {}
+    p0 = {k: list(v) for k, v in pair.engine.pass_seconds.items()} if pair.engine is not None else {}
     out, st = [], None
     for tok in pair.generate(prompt, max_tokens=n, draft_max=K, adaptive=adaptive, stop_at_eog=False,
                              drafter=drafter, observer=probe):
@@ -279,6 +280,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
     c1 = cache_counters(pair)
     n1 = pair.cache.counters() if n0 is not None else None
     e1 = dict(pair.engine.timers) if pair.engine is not None else {}
+    p1 = pair.engine.pass_seconds if pair.engine is not None else {}
     dec = probe.decodes[1:] if len(prompt) > 1 else probe.decodes      # first call is the prefill
     gen_s = st.t_last - st.t_start - st.t_prefill
     m = {
@@ -309,6 +311,9 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         # where the engine's time goes, ms per target pass (ledger reads, poll/publish, the in-pass
         # policy, hit counting, the estimator, the plan's view, the plan, issuing loads)
         "engine_ms_per_pass": {k: 1e3 * (v - e0.get(k, 0.0)) / max(st.n_target_passes, 1) for k, v in e1.items()},
+        # verify passes by rows and kind ("gpu": all misses uploaded; "split": a CPU share): [count, summed s]
+        "pass_kinds": {k: [c - p0.get(k, [0, 0.0])[0], t - p0.get(k, [0, 0.0])[1]] for k, (c, t) in p1.items()
+                       if c > p0.get(k, [0, 0.0])[0]},
         "breakdown": {
             "total_s": gen_s, "draft_s": st.t_draft, "verify_s": st.t_verify,
             "target_decode_s": float(sum(t for _, t in dec)),
@@ -642,6 +647,13 @@ def aggregate(runs: list[dict]) -> dict:
     agg["replay_rows_checked"] = sum(r["replay_rows_checked"] for r in runs)
     agg["replay_rows_mismatched"] = sum(r["replay_rows_mismatched"] for r in runs)
     agg["breakdown"] = {k: float(np.mean([r["breakdown"][k] for r in runs])) for k in runs[0]["breakdown"]}
+    kinds: dict = {}                                   # verify passes by "rows:gpu|split": [count, mean ms]
+    for r in runs:
+        for key, (c, t) in r["pass_kinds"].items():
+            k0 = kinds.setdefault(key, [0, 0.0])
+            k0[0] += c
+            k0[1] += t
+    agg["pass_kinds"] = {k: [c, 1e3 * t / c] for k, (c, t) in sorted(kinds.items())}
     steps = sorted({k for r in runs for k in r["engine_ms_per_pass"]})
     agg["engine_ms_per_pass"] = {k: float(np.mean([r["engine_ms_per_pass"].get(k, 0.0) for r in runs])) for k in steps}
     n = agg["hits"] + agg["misses"]

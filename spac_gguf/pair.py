@@ -95,7 +95,10 @@ class TargetVerifier(ContextSide):
                 self.observer.on_engine("before", time.perf_counter() - t)
         if self.routing is not None:
             self.routing.begin()
+        t = time.perf_counter()
         logits = self._decode(tokens, "all", "verify")
+        if self.engine is not None:
+            self.engine.timed_pass(time.perf_counter() - t)
         if self.routing is not None:
             t = time.perf_counter()
             self._ids = self.routing.end(len(tokens))

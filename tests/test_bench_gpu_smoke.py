@@ -57,6 +57,13 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     steps = rows["spac"]["engine_ms_per_pass"]                  # where the engine's time goes reaches the JSON
     assert {"ledger", "observe", "hits"} <= set(steps) and all(v >= 0 for v in steps.values())
     assert rows["llama_ar_cpu"]["engine_ms_per_pass"] == {}
+    for name in ("spac", "sd_lru", "spac_ar"):                 # every verify pass timed by its rows and kind
+        kinds = rows[name]["pass_kinds"]
+        assert sum(c for c, _ in kinds.values()) == rows[name]["passes"], (name, kinds)
+        assert all(k.split(":")[1] in ("gpu", "split") and 1 <= int(k.split(":")[0]) <= 6 and ms > 0
+                   for k, (_, ms) in kinds.items()), kinds
+    assert all(k.endswith(":gpu") for k in rows["sd_lru"]["pass_kinds"])   # upstream's design: no CPU share
+    assert rows["llama_ar_cpu"]["pass_kinds"] == {}
 
 
 def test_bench_catch_up_ways_keep_the_same_work(tmp_path):
