@@ -17,10 +17,11 @@ drafts each pass accepted), so the choice follows the machine, the cache's state
 Acceptance and draft times are running means that turn into exponential averages once warm, verify
 times the median of the last five passes per row count, so they track drift (a warming expert cache
 makes verify rows cheaper) without following one cold pass, and start from priors that speculate.
-What the loop stops measuring also ages: a row count not measured for `stale_after` rounds is
-trusted no more than the line through the fresh ones (and its old samples go when it is measured
-again when outside their range), and a later draft position's acceptance loses half its weight every
-`stale_after / 2` drafting rounds that do not offer it (K below it), so a workload change (the text, the cache's state) re-opens the K it had ruled out.
+What the loop stops measuring also ages: a row count not measured for `stale_after` rounds that a
+fresh one contradicts is interpolated instead of read (and its old samples go when a new one falls
+outside their range), and a later draft position's acceptance loses half its weight every
+`stale_after / 2` drafting rounds that do not offer it (K below it), so a workload change (the text,
+the cache's state) re-opens the K it had ruled out.
 Now and then a round probes K*+1, K*-1, the largest allowed K or plain decoding (K = 0), in turn
 (skipping K* itself): without probes, a K that once looked bad (K = 0 above all, which observes no
 acceptance at all; or a K measured once while the machine was busy) would never be re-measured. The
@@ -165,9 +166,7 @@ class DraftLength:
         self._t += 1
         if K > 0:
             self._drafting += 1
-            while len(self._offered) < K:
-                self._offered.append(self._drafting)
-            self._offered[:K] = [self._drafting] * K
+            self._offered[:K] = [self._drafting] * K     # (grows the list when K is a new maximum)
         for i in range(min(accepted + 1, K)):    # position i is examined only if 0..i-1 were accepted
             while len(self._alpha) <= i:
                 self._alpha.append(_Mean(floor=self.alpha_floor))

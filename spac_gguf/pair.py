@@ -73,15 +73,20 @@ class TargetVerifier(ContextSide):
         self._ids = None
 
     def _decode(self, tokens: list[int], logits: str, kind: str) -> np.ndarray:
+        """One target decode, timed once for the observer and, for a verify pass, the engine."""
         obs = self.observer
-        if obs is None:
-            return self.ctx.decode(tokens, logits)
-        obs.before_decode(self.ctx.n_past, len(tokens), kind)
+        if obs is not None:
+            obs.before_decode(self.ctx.n_past, len(tokens), kind)
         t = time.perf_counter()
         try:
-            return self.ctx.decode(tokens, logits)
+            out = self.ctx.decode(tokens, logits)
         finally:
-            obs.after_decode(len(tokens), time.perf_counter() - t)
+            dt = time.perf_counter() - t
+            if obs is not None:
+                obs.after_decode(len(tokens), dt)
+        if kind == "verify" and self.engine is not None:
+            self.engine.timed_pass(dt)
+        return out
 
     def prefill(self, tokens: list[int]) -> None:
         if tokens:
@@ -95,10 +100,7 @@ class TargetVerifier(ContextSide):
                 self.observer.on_engine("before", time.perf_counter() - t)
         if self.routing is not None:
             self.routing.begin()
-        t = time.perf_counter()
         logits = self._decode(tokens, "all", "verify")
-        if self.engine is not None:
-            self.engine.timed_pass(time.perf_counter() - t)
         if self.routing is not None:
             t = time.perf_counter()
             self._ids = self.routing.end(len(tokens))

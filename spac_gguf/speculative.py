@@ -173,7 +173,8 @@ class Drafter(ContextSide):
             self._proposed = False
 
     def _decode(self, toks: list[int], when: str) -> np.ndarray:
-        """One draft decode; `when`: "catchup", "first" or "next" in the round (the bench times them)."""
+        """One draft decode; `when`: "backlog", "catchup", "first" or "next" in the round (the bench
+        times them)."""
         return self.ctx.decode(toks, "last")[0]
 
     def _first(self, pending: list[int]) -> np.ndarray:
