@@ -184,20 +184,34 @@ def corruption(a: float, n: int, n_vocab: int, cont: list[int], seed: int, block
 # instrumentation (the library's PassObserver: no wrapped methods)
 # ---------------------------------------------------------------------------------------------
 class Probe(PassObserver):
-    """Per-run timers and routing statistics of one ModelPair; replays the routing trace."""
+    """Per-run timers and routing statistics of one ModelPair; replays the routing trace.
+
+    It runs inside the timed loop, so it does the least there: the trace is laid out per layer once
+    (`native.ReplayTrace`), and each pass's routing is only kept (with the maps it read) for the
+    statistics and the replay self-check computed after the run (`finish`)."""
 
     def __init__(self, pair: ModelPair, gpu_layers: set[int] | None = None):
         self.pair = pair
         self.gpu_layers = gpu_layers or set()
-        self.replay: np.ndarray | None = None          # [positions, layers, k] routing to replay
         self.moe_layers = list(pair.layout.moe_layers)
+        self._trace: np.ndarray | None = None
+        self._replay: native.ReplayTrace | None = None
         self.reset()
 
+    @property
+    def replay(self) -> np.ndarray | None:
+        """[positions, layers, k] routing to replay (None: the model's router)."""
+        return self._trace
+
+    @replay.setter
+    def replay(self, trace: np.ndarray | None) -> None:
+        if trace is not self._trace:
+            self._trace = trace
+            self._replay = native.ReplayTrace(trace, self.moe_layers) if trace is not None else None
+
     def before_decode(self, n_past: int, n_rows: int, kind: str) -> None:
-        if self.replay is not None:                    # the rows' positions pick the trace's rows
-            rows = self.replay[n_past:n_past + n_rows]
-            for il in self.moe_layers:
-                native.replay(self.pair.target_ctx.ptr, il, rows[:, il])
+        if self._replay is not None:                   # the rows' positions pick the trace's rows
+            self._replay.set_rows(self.pair.target_ctx.ptr, n_past, n_rows)
         if kind == "verify":
             self.rows.append(n_rows)
             self._verify_at = n_past
@@ -206,14 +220,8 @@ class Probe(PassObserver):
         self.decodes.append((n_rows, seconds))
 
     def on_routing(self, ids: np.ndarray) -> None:
-        self._routing(ids)
-        if self.replay is not None and self._verify_at is not None:
-            # the routing the pass really used must be the trace's rows (a self-check of the replay)
-            want = self.replay[self._verify_at:self._verify_at + len(ids)]
-            ml = self.moe_layers
-            same = (ids[:len(want)][:, ml] == want[:, ml]).all(axis=(1, 2))
-            self.replay_checked += int(len(same))
-            self.replay_mismatched += int((~same).sum())
+        eng = self.pair.engine                         # the maps this verify read (updated before the next)
+        self._passes.append((ids, eng.live.copy() if eng is not None else None, self._verify_at))
 
     def on_engine(self, phase: str, seconds: float) -> None:
         if phase == "before":
@@ -223,6 +231,7 @@ class Probe(PassObserver):
 
     def reset(self):
         self._verify_at: int | None = None
+        self._passes: list = []                        # (ids, live maps, position) per verify pass
         self.replay_checked = self.replay_mismatched = 0   # verify rows compared with the trace
         self.decodes: list[tuple[int, float]] = []
         self.rows: list[int] = []
@@ -230,16 +239,27 @@ class Probe(PassObserver):
         self.uncached: list[int] = []
         self.engine_before_s = self.engine_after_s = 0.0
 
-    def _routing(self, ids: np.ndarray) -> None:
+    def finish(self) -> None:
+        """The run's routing statistics and replay self-check, after the timed loop."""
+        for ids, live, at in self._passes:
+            self._routing(ids, live)
+            if self._trace is not None and at is not None:
+                # the routing the pass really used must be the trace's rows (a self-check of the replay)
+                want = self._trace[at:at + len(ids)]
+                ml = self.moe_layers
+                same = (ids[:len(want)][:, ml] == want[:, ml]).all(axis=(1, 2))
+                self.replay_checked += int(len(same))
+                self.replay_mismatched += int((~same).sum())
+        self._passes = []
+
+    def _routing(self, ids: np.ndarray, live: np.ndarray | None) -> None:
         ok = ids >= 0
         L = ids.shape[1]
         l = np.broadcast_to(np.arange(L)[None, :, None], ids.shape)
         used = np.zeros((L, int(ids.max()) + 1 if ok.any() else 1), bool)
         used[l[ok], ids[ok]] = True
         cached = np.zeros_like(used)
-        eng = self.pair.engine
-        if eng is not None:                            # the maps this verify read (updated before the next)
-            live = eng.live
+        if live is not None:
             cached[:, :min(used.shape[1], live.shape[1])] = live[:, :used.shape[1]]
         for il in self.gpu_layers:
             cached[il] = True
@@ -277,6 +297,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
                              drafter=drafter, observer=probe):
         out.append(tok.token)
         st = tok.stats
+    probe.finish()
     c1 = cache_counters(pair)
     n1 = pair.cache.counters() if n0 is not None else None
     e1 = dict(pair.engine.timers) if pair.engine is not None else {}

@@ -402,6 +402,32 @@ def test_routing_replay_computes_the_given_experts(model, threads):
             native.replay(ctx.ptr, lay.moe_layers[0], np.zeros((1, k), np.int32))          # repeated id
 
 
+def test_replay_trace_sets_each_pass_rows_by_position(model, threads):
+    """native.ReplayTrace (the benchmark's per-pass replay, laid out per layer once) makes two
+    successive passes compute the trace's rows at their positions, cut at the trace's end, and the
+    export reads them back (NativeRouting.end, one buffer per pass)."""
+    m, lay = model
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    k = lay.n_expert_used
+    routing = native.NativeRouting(ctx.ptr, m.n_layer, k)
+    rng = np.random.default_rng(21)
+    trace = np.full((5, m.n_layer, k), -1, np.int32)
+    for p in range(5):
+        for il in lay.moe_layers:
+            trace[p, il] = rng.permutation(lay.n_expert)[:k]
+    rt = native.ReplayTrace(trace, lay.moe_layers)
+    toks = (m.tokenize(PROMPTS[1]) * 6)[:6]
+    assert len(toks) == 6
+    rt.set_rows(ctx.ptr, 0, 3)
+    ctx.decode(toks[:3], "all")
+    first = routing.end(3)
+    rt.set_rows(ctx.ptr, 3, 3)                     # positions 3, 4 and one past the trace's end: 2 rows
+    ctx.decode(toks[3:5], "all")
+    second = routing.end(2)
+    got = np.concatenate([first, second], 0)
+    assert np.array_equal(got[:, lay.moe_layers], trace[:, lay.moe_layers])
+
+
 def test_status_table_matches_the_patched_header():
     """native.STATUS names every llama_moe_status of the patch's llama.h, and nothing else."""
     import re
