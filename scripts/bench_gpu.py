@@ -750,6 +750,9 @@ def main(argv=None) -> int:
     ap.add_argument("--catch-up", choices=("auto", "batch", "split"), default="auto",
                     help="how the draft decodes two tokens it has not seen: the library's default auto (timed both "
                          "ways, the faster used), one two-row decode, or two one-row decodes (an A/B)")
+    ap.add_argument("--ak-explore", choices=("probe", "sample"), default="probe",
+                    help="spac_ak: how adaptive K explores, the library's default probes or Thompson sampling "
+                         "(draft_length.py; an A/B)")
     ap.add_argument("--spac-prefetch", action="store_true",
                     help="spac: also prefetch the MIP's plan between passes (the library leaves it off with in-pass loads)")
     ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",
@@ -883,6 +886,7 @@ def main(argv=None) -> int:
     doc["method"]["pinned_experts"] = a.pinned
     doc["method"]["inpass"] = a.inpass
     doc["method"]["catch_up"] = a.catch_up               # the draft's two-token catch-up (speculative.CatchUp)
+    doc["method"]["ak_explore"] = a.ak_explore           # how spac_ak's controller explores (draft_length.py)
 
     # 2. phases: one pair in memory at a time (pinned host experts are a copy per pair, 17 GB each);
     #    within a pair: repeat -> routing -> acceptance
@@ -944,7 +948,7 @@ def main(argv=None) -> int:
                             # cell's routing preset before it is timed, the same for every system.
                             warmed.add((routing, acc))
                             if s in ADAPTIVE and K:
-                                controllers[(routing, acc)] = DraftLength()
+                                controllers[(routing, acc)] = DraftLength(explore=a.ak_explore)
                                 pair.draft_length = controllers[(routing, acc)]
                             run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracles[acc] if K else None,
                                      replays[routing][-1] if replays[routing] else None, s in ADAPTIVE, a.catch_up)

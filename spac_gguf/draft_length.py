@@ -22,13 +22,23 @@ fresh one contradicts is interpolated instead of read (and its old samples go wh
 outside their range), and a later draft position's acceptance loses half its weight every
 `stale_after / 2` drafting rounds that do not offer it (K below it), so a workload change (the text,
 the cache's state) re-opens the K it had ruled out.
-Now and then a round probes K*+1, K*-1, the largest allowed K or plain decoding (K = 0), in turn
-(skipping K* itself): without probes, a K that once looked bad (K = 0 above all, which observes no
-acceptance at all; or a K measured once while the machine was busy) would never be re-measured. The
-second round decodes plainly: verify time is far from linear in rows when extra rows route to
+Exploration (`explore`): without it, a K that once looked bad (K = 0 above all, which observes no
+acceptance at all; a K measured once while the machine was busy or the cache cold; a draft position
+rejected early and never examined again) would never be re-measured. "sample" (Thompson
+sampling, opt-in) picks each round's K from one draw of what the loop knows: each position's
+acceptance from a Beta around its estimate with the estimate's (aged) weight, each row count's
+verify time from a lognormal around its median whose spread `time_noise` shrinks with the samples
+behind it and grows again as they age. Uncertain choices get tried in proportion to the chance that
+they are best, and settle as their samples come in; on synthetic rounds with the H200's measured
+costs (45-round cells, as in the benchmark; acceptance 0.3-0.9) its rounds 15-45 made 0.91-0.97 of
+the best rate on average where the probes below made 0.85-0.98 (lower at low acceptance, higher at
+0.9), but over 150 rounds, after a workload change and with a useless cheap draft the probes did as
+well or better (docs/BENCHMARKS.md, session 7), so the default stays "probe": now and then a round
+probes K*+1, K*-1, the largest allowed K or plain decoding, in turn (skipping K* itself). Both keep
+the second round plain: verify time is far from linear in rows when extra rows route to
 experts that must be streamed (one row touches k experts, six rows up to 6k), so the one-row cost
 cannot be read off a line through the drafting rounds (seen on the H200: 15 ms for one row against
-50 ms for six, where the line said 37). Probes are at least `explore_every` rounds apart, and
+50 ms for six, where the line said 37). With "probe", probes are at least `explore_every` rounds apart, and
 further when they are dear: a probe expected to take x times a K* round, at a rate r against K*'s
 r*, waits max(x - 1, x (1 - r / r*)) / explore_share rounds, so probing costs about
 `explore_share` of the time at most (a probe to K = 8 with a draft as slow as the target is rare).
@@ -38,6 +48,7 @@ r*, waits max(x - 1, x (1 - r / r*)) / explore_share rounds, so probing costs ab
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections import deque
 
@@ -104,7 +115,12 @@ class DraftLength:
                  neighbour_strength: float = 6.0,
                  alpha_floor: float = 0.03, time_floor: float = 0.1, prior_row_cost: float = 0.1,
                  explore_every: int = 16, explore_share: float = 0.05, trust_n: int = 3, optimism: float = 0.5,
-                 stale_after: int = 32):
+                 stale_after: int = 32, explore: str = "probe", time_noise: float = 0.15, seed: int | None = 0):
+        if explore not in ("sample", "probe"):
+            raise ValueError(f"explore must be 'sample' or 'probe', not {explore!r}")
+        self.explore = explore
+        self.time_noise = time_noise             # relative spread of one verify sample (sample mode)
+        self._rng = random.Random(seed)
         self.adaptive = adaptive
         self.prior_alpha, self.prior_strength, self.alpha_floor = prior_alpha, prior_strength, alpha_floor
         self.neighbour_strength = neighbour_strength   # how many rounds position i-1's rate is worth to i
@@ -118,6 +134,7 @@ class DraftLength:
         self.stale_after = stale_after           # rounds after which what was not re-measured ages
         self._t = 0                              # rounds observed
         self._drafting = 0                       # rounds observed with K > 0
+        self._drafted_at = 0                     # the round (of _t) that drafted last
         self._offered: list[int] = []            # per draft position i: _drafting when K > i last
         self._alpha: list[_Mean] = []            # per draft position
         self._verify: dict[int, _Recent] = {}    # per row count
@@ -137,11 +154,16 @@ class DraftLength:
         self._rounds += 1
         if not self._verify or not self._draft:
             return limit                         # nothing measured yet: speculate fully, to measure
-        if 1 not in self._verify and self.explore_every:
+        if 1 not in self._verify and (self.explore == "sample" or self.explore_every):
             self.probing = True                  # then measure plain decoding once (see the docstring)
             return 0
         rates = self.rates(limit)
         best = rates.index(max(rates))
+        if self.explore == "sample":
+            drawn = self.sampled_rates(limit)
+            k = drawn.index(max(drawn))
+            self.probing = k != best             # a round the estimates alone would not have chosen
+            return k
         if self.explore_every and self._rounds >= self._next_probe:
             cycle = (min(best + 1, limit), max(best - 1, 0), limit, 0)
             for _ in cycle:                      # the next candidate in turn that is not K* itself
@@ -166,6 +188,7 @@ class DraftLength:
         self._t += 1
         if K > 0:
             self._drafting += 1
+            self._drafted_at = self._t
             self._offered[:K] = [self._drafting] * K     # (grows the list when K is a new maximum)
         for i in range(min(accepted + 1, K)):    # position i is examined only if 0..i-1 were accepted
             while len(self._alpha) <= i:
@@ -205,9 +228,18 @@ class DraftLength:
     def _aged_weight(self, i: int) -> float:
         """Position i's observations, halved for every stale_after / 2 drafting rounds that did not offer
         it (K chosen below i+1); rounds that offered it and stopped earlier (a rejection before it) do
-        not age it. Position 0 does not age: while K = 0 the probes re-examine it."""
-        age = self._drafting - self._offered[i] if i < len(self._offered) else 0
-        return _weight(self._alpha[i]) * 0.5 ** (2.0 * age / self.stale_after)
+        not age it. Position 0 ages over plain rounds (K = 0) when sampling; with probes it does not
+        (they re-examine it), and without either a phase of low acceptance kept K = 0 for good.
+        Sampling halves every stale_after / 4 rounds: it explores only as far as the estimates are
+        uncertain, so their uncertainty has to come back soon enough for a workload change (synthetic
+        acceptance 0.5 -> 0.95 after 60 rounds: rounds 100-200 at 0.63-0.99 of the best rate with
+        stale_after / 2, 0.91-0.99 with / 4; stationary cells within 0.01)."""
+        if i == 0:
+            age = self._t - self._drafted_at if self.explore == "sample" and self._drafting else 0
+        else:
+            age = self._drafting - self._offered[i] if i < len(self._offered) else 0
+        halvings = (4.0 if self.explore == "sample" else 2.0) * age / self.stale_after
+        return _weight(self._alpha[i]) * 0.5 ** halvings
 
     def verify_time(self, rows: int) -> float:
         return self.verify_times(rows)[rows - 1]
@@ -309,6 +341,33 @@ class DraftLength:
             e_tokens.append(e_tokens[-1] + reach)
         return [e / t for e, t in zip(e_tokens, self.round_times(limit))]
 
+    def sampled_rates(self, limit: int) -> list[float]:
+        """Tokens per second of K = 0..limit under one draw from what the loop knows (Thompson
+        sampling): position i's acceptance ~ Beta(m w, (1 - m) w), m its estimate (shrunk as in
+        `alpha`), w its aged weight plus the prior's or neighbour's strength; a row count's verify
+        time ~ its median x exp(N(0, time_noise^2 / (n + 1/2))), n all its samples halved for every
+        `stale_after` rounds since the last (unmeasured row counts: n = 0 around the interpolation)."""
+        means = self.alpha(limit)
+        acc = []
+        for i, m in enumerate(means):
+            w = self.prior_strength if i == 0 else self.neighbour_strength
+            if i < len(self._alpha) and self._alpha[i].n:
+                w += self._aged_weight(i)
+            acc.append(self._rng.betavariate(max(m * w, 1e-3), max((1.0 - m) * w, 1e-3)))
+        tv = self.verify_times(limit + 1)
+        c0, c1 = self.draft_line()
+        e, reach, out = 1.0, 1.0, []
+        for K in range(limit + 1):
+            r = self._verify.get(K + 1)
+            n = r.n * 0.5 ** (max(self._t - r.last, 0) / self.stale_after) if r is not None else 0.0
+            t = tv[K] * math.exp(self._rng.gauss(0.0, self.time_noise / math.sqrt(n + 0.5)))
+            if K:
+                reach *= acc[K - 1]
+                e += reach
+                t += c0 + c1 * K
+            out.append(e / max(t, 1e-9))
+        return out
+
     def best(self, limit: int) -> int:
         """argmax_K rate(K) over 0..limit; ties go to the smaller K (less work for the same speed)."""
         r = self.rates(limit)
@@ -316,7 +375,7 @@ class DraftLength:
 
     def summary(self) -> dict:
         """For reports: the K histogram and the current estimates."""
-        return {"adaptive": self.adaptive, "k_histogram": dict(sorted(self.counts.items())),
+        return {"adaptive": self.adaptive, "explore": self.explore, "k_histogram": dict(sorted(self.counts.items())),
                 "alpha": [round(a, 4) for a in self.alpha(len(self._alpha))],
                 "draft_s_round_and_per_token": self.draft_line() if self._draft else None,
                 "verify_s_by_rows": {r: self._verify[r].value for r in sorted(self._verify)}}

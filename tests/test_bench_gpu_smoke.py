@@ -50,6 +50,7 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     assert rows["spac_ar"]["draft_max"] == 0 and rows["spac_ar"]["acceptance"] is None
     # adaptive K (lossless above, like every system) reports its controller's estimates
     assert rows["spac_ak"]["adaptive"] and len(rows["spac_ak"]["draft_length"]["alpha"]) >= 1
+    assert rows["spac_ak"]["draft_length"]["explore"] == doc["method"]["ak_explore"] == "probe"
     assert any(k.startswith("first:") for k in rows["sd_lru"]["draft_calls"])   # draft decodes timed by place
     assert doc["method"]["catch_up"] == "auto"
     assert rows["llama_ar_offload1"]["config"]["GGML_OP_OFFLOAD_MIN_BATCH"] == 1
