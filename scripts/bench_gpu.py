@@ -18,6 +18,8 @@ Systems (all from our build; (1)-(3) run with the expert cache off):
   spac_ak          spac with K chosen per round in 0..--draft-max (spac_gguf.draft_length; one controller
                    per routing and acceptance, learned on an untimed run of that workload on the warm-up
                    prompt, then learning on; its K histogram is in the row)
+  spac_aks         spac_ak exploring by Thompson sampling instead of probes (draft_length's explore="sample",
+                   opt-in in the library: the A/B of the two)
   llama_ar_gpu     reference only: every weight on the GPU (the dense-part / all-GPU bound)
   llama_ar_offload1, llama_sd_offload1
                    llama_ar_cpu / llama_sd_cpu with llama.cpp's GGML_OP_OFFLOAD_MIN_BATCH=1: every pass
@@ -78,15 +80,15 @@ from spac_gguf.engine import InPass  # noqa: E402
 from spac_gguf.pair import ModelPair, PassObserver  # noqa: E402
 from spac_gguf.speculative import CatchUp, Drafter  # noqa: E402
 
-SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak")
-ADAPTIVE = ("spac_ak",)
+SD_SYSTEMS = ("llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "spac_aks")
+ADAPTIVE = {"spac_ak": "probe", "spac_aks": "sample"}   # adaptive K: how the controller explores
 CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac", "lru_ar": "lru", "spac_ar": "spac",
-                "spac_ak": "spac"}
+                "spac_ak": "spac", "spac_aks": "spac"}
 # llama.cpp's own small-batch offload: experts in pinned host memory, every pass's used experts copied to
 # the GPU and computed there (GGML_OP_OFFLOAD_MIN_BATCH=1, read once per process: a process of its own)
 OFFLOAD1 = {"llama_ar_offload1": "llama_ar_cpu", "llama_sd_offload1": "llama_sd_cpu"}
-ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "lru_ar",
-               "spac_ar", "llama_ar_gpu", *OFFLOAD1)
+ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "spac_aks",
+               "lru_ar", "spac_ar", "llama_ar_gpu", *OFFLOAD1)
 ROUTINGS = ("model", "random", "qwen3-calibrated", "high-skew")
 
 PROMPTS = [
@@ -721,7 +723,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target")
     ap.add_argument("--draft")
     ap.add_argument("--out", default=None, help="JSON path (default docs/bench/gpu-<date>.json)")
-    ap.add_argument("--systems", default=",".join(ALL_SYSTEMS))
+    ap.add_argument("--systems", default=",".join(x for x in ALL_SYSTEMS if x != "spac_aks"),
+                    help="comma list (default: all but spac_aks, the exploration A/B)")
     ap.add_argument("--budgets", default="0.10,0.17,0.30")
     ap.add_argument("--acceptances", default="0.5,0.7,0.9")
     ap.add_argument("--main-budget", type=float, default=0.17)
@@ -750,9 +753,6 @@ def main(argv=None) -> int:
     ap.add_argument("--catch-up", choices=("auto", "batch", "split"), default="auto",
                     help="how the draft decodes two tokens it has not seen: the library's default auto (timed both "
                          "ways, the faster used), one two-row decode, or two one-row decodes (an A/B)")
-    ap.add_argument("--ak-explore", choices=("probe", "sample"), default="probe",
-                    help="spac_ak: how adaptive K explores, the library's default probes or Thompson sampling "
-                         "(draft_length.py; an A/B)")
     ap.add_argument("--spac-prefetch", action="store_true",
                     help="spac: also prefetch the MIP's plan between passes (the library leaves it off with in-pass loads)")
     ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",
@@ -886,7 +886,6 @@ def main(argv=None) -> int:
     doc["method"]["pinned_experts"] = a.pinned
     doc["method"]["inpass"] = a.inpass
     doc["method"]["catch_up"] = a.catch_up               # the draft's two-token catch-up (speculative.CatchUp)
-    doc["method"]["ak_explore"] = a.ak_explore           # how spac_ak's controller explores (draft_length.py)
 
     # 2. phases: one pair in memory at a time (pinned host experts are a copy per pair, 17 GB each);
     #    within a pair: repeat -> routing -> acceptance
@@ -948,7 +947,7 @@ def main(argv=None) -> int:
                             # cell's routing preset before it is timed, the same for every system.
                             warmed.add((routing, acc))
                             if s in ADAPTIVE and K:
-                                controllers[(routing, acc)] = DraftLength(explore=a.ak_explore)
+                                controllers[(routing, acc)] = DraftLength(explore=ADAPTIVE[s])
                                 pair.draft_length = controllers[(routing, acc)]
                             run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracles[acc] if K else None,
                                      replays[routing][-1] if replays[routing] else None, s in ADAPTIVE, a.catch_up)

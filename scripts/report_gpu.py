@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ORDER = ("llama_ar_cpu", "llama_ar_offload1", "llama_ar_layers", "lru_ar", "spac_ar", "llama_sd_cpu",
-         "llama_sd_offload1", "sd_lru", "sd_static", "spac", "spac_ak", "llama_ar_gpu")
+         "llama_sd_offload1", "sd_lru", "sd_static", "spac", "spac_ak", "spac_aks", "llama_ar_gpu")
 PLAIN = ("llama_ar_cpu", "llama_sd_cpu", "llama_ar_gpu", "llama_ar_offload1", "llama_sd_offload1")  # no budget
 ROUTING_ORDER = ("qwen3-calibrated", "high-skew", "random", "model")
 GOALS = {"llama_sd_cpu": 1.6, "sd_lru": 1.3}
@@ -100,13 +100,14 @@ def ratios(doc) -> str:
     out = []
     for src in _sources(res):
         rs = [r for r in res if r.get("source") == src]
-        budgets = sorted({r["budget"] for r in rs if r["system"] in ("sd_lru", "sd_static", "spac", "spac_ak", "spac_ar")})
+        budgets = sorted({r["budget"] for r in rs if r["system"] in ("sd_lru", "sd_static", "spac", "spac_ak", "spac_aks",
+                                                                     "spac_ar")})
         accs = sorted({r["acceptance_target"] for r in rs if r["acceptance_target"] is not None})
         routings = sorted({_routing(r) for r in rs}, key=lambda x: ROUTING_ORDER.index(x) if x in ROUTING_ORDER else 99)
         for ro in routings:
             for b in budgets:
                 for a in accs + [None]:
-                    for me in (("spac_ak", "spac") if a is not None else ("spac_ar",)):
+                    for me in (("spac_ak", "spac_aks", "spac") if a is not None else ("spac_ar",)):
                         sp = find(rs, me, b, a, ro)
                         if not sp or (a is None and sp["acceptance_target"] is not None):
                             continue
@@ -154,7 +155,7 @@ def plot(doc, png: Path) -> str | None:
     axes = axes[0]
     # one panel per routing: × llama_ar_cpu (same run) against acceptance at the main budget; K = 0 systems as lines
     for ax, ro in zip(axes, routings):
-        for s in ("llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak"):
+        for s in ("llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "spac_aks"):
             pts = sorted((r["acceptance_target"], _x_ar(res, r)) for r in res if r["system"] == s and _routing(r) == ro
                          and r["acceptance_target"] is not None and _x_ar(res, r) is not None
                          and (s in PLAIN or mb is None or abs(r["budget"] - mb) < 1e-9))

@@ -23,7 +23,7 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
                          "--scale", "small"], capture_output=True, text=True, timeout=300)
     assert mk.returncode == 0, mk.stderr
     out = tmp_path / "bench.json"
-    systems = ["llama_ar_cpu", "sd_lru", "spac", "spac_ak", "spac_ar", "llama_ar_offload1"]   # the last in a child process
+    systems = ["llama_ar_cpu", "sd_lru", "spac", "spac_ak", "spac_aks", "spac_ar", "llama_ar_offload1"]   # the last in a child process
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"),
                         "--target", str(tmp_path / "bench-target.gguf"), "--draft", str(tmp_path / "bench-draft.gguf"),
                         "--systems", ",".join(systems), "--routing", "random", "--budgets", "0.17",
@@ -50,7 +50,8 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     assert rows["spac_ar"]["draft_max"] == 0 and rows["spac_ar"]["acceptance"] is None
     # adaptive K (lossless above, like every system) reports its controller's estimates
     assert rows["spac_ak"]["adaptive"] and len(rows["spac_ak"]["draft_length"]["alpha"]) >= 1
-    assert rows["spac_ak"]["draft_length"]["explore"] == doc["method"]["ak_explore"] == "probe"
+    assert rows["spac_ak"]["draft_length"]["explore"] == "probe" and rows["spac_aks"]["draft_length"]["explore"] == "sample"
+    assert rows["spac_aks"]["adaptive"] and rows["spac_aks"]["output_matches_reference"]
     assert any(k.startswith("first:") for k in rows["sd_lru"]["draft_calls"])   # draft decodes timed by place
     assert doc["method"]["catch_up"] == "auto"
     assert rows["llama_ar_offload1"]["config"]["GGML_OP_OFFLOAD_MIN_BATCH"] == 1
