@@ -67,11 +67,10 @@ def table(doc) -> str:
     for r in res:
         n = r["n_generated"] or 1
         b = r["breakdown"]
-        ar = find(res, "llama_ar_cpu", routing=_routing(r), source=r.get("source"))
         sd = (find(res, "llama_sd_cpu", acc=r["acceptance_target"], routing=_routing(r), source=r.get("source"))
               if r["acceptance_target"] is not None else None)
         x_sd = r["tps"] / sd["tps"] if sd else None
-        x_ar = r["tps"] / ar["tps"] if ar else None
+        x_ar = _x_ar(res, r)
         roof = r.get("roofline") or {}
         lines.append(
             (f"| {r.get('source')} " if merged else "") + f"| {_routing(r)} | {r['system']} | {_f(r['budget'], '{:.0%}')} ({_f(r.get('budget_actual'), '{:.1%}')}) "
