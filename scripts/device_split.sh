@@ -6,6 +6,7 @@
 # NAME=1, `S:NAME=VALUE` with that value (an A/B switch); `S+dN` adds --spac-direct N (passes of <= N
 # rows read their misses from pinned host memory on the GPU); both: `S+dN:NAME=VALUE`.
 #   SHARES="0.7 1 auto auto+d1" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
+# ROUTINGS (default random,qwen3-calibrated) and SYSTEMS (default spac_ar,spac) narrow the runs.
 # Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab (see scripts/device_test.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/split}
@@ -17,7 +18,7 @@ export PYTHONPATH=/tmp/site:$PWD
 M=/tmp/spac-bench-full
 [ -f $M/bench-target.gguf ] || python3 scripts/make_bench_model.py --out $M --scale full --vocab .dev/vocab/ggml-vocab-qwen2.gguf | tail -1
 [ "${FIT:-0}" = 1 ] && { bash scripts/device_fit.sh 2>&1 | tee "$OUT/fit.txt"; }
-B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf --routing random,qwen3-calibrated --budgets 0.17 --acceptances 0.7 --repeats 2 --no-bw"
+B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf --routing ${ROUTINGS:-random,qwen3-calibrated} --budgets 0.17 --acceptances 0.7 --repeats 2 --no-bw"
 first=1
 for entry in $SHARES; do
   sh=${entry%%:*}; mode=${entry#*:}; [ "$mode" = "$entry" ] && mode=""

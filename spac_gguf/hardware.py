@@ -34,9 +34,10 @@ class HardwareProfile:
     #   (its FLOPs), so the same profile prices a 66 KB SmolLM2 expert and a 2.65 MB Qwen3 one
     gpu_pass_s: float | None                # dense work of one verify pass on the GPU (attention, router, head)
     draft_s_per_token: float | None         # one draft token
-    # fixed cost per MoE layer of computing any misses on the CPU during a GPU pass (the graph split:
-    # activations down, the CPU's threads, results up, one more sync); fitted on the H200 from a
-    # sweep of the in-pass share (docs/BENCHMARKS.md), a default elsewhere until measured
+    # fixed cost per MoE layer of the CPU's part of a split pass (activations down, the CPU's threads
+    # start), in parallel with the uploads; the split also pays one `stop_s` that nothing overlaps.
+    # Fitted on the H200 to a sweep of the in-pass share at K = 0 (docs/BENCHMARKS.md, session 8),
+    # a default elsewhere until measured
     host_branch_s: float = 2.5e-4
     # one more stop of a pass per layer (a sync between GPU and host; the plan runs at one): a pass
     # whose experts exceed the slots runs in row chunks, one stop each. Fitted on the H200 from K = 5
@@ -96,7 +97,7 @@ BUILTIN: dict[str, HardwareProfile] = {p.name: p for p in (
     HardwareProfile("h100-pcie5", link_gbps=51.0, cpu_expert_gbps=41.0, cpu_s_per_expert_token=1e-6,
                     gpu_s_per_expert_token=2e-7, gpu_pass_s=0.005, draft_s_per_token=0.002),
     HardwareProfile("h200-pcie5", link_gbps=42.0, cpu_expert_gbps=45.0, cpu_s_per_expert_token=1e-6,
-                    gpu_s_per_expert_token=2e-7, gpu_pass_s=0.006, draft_s_per_token=0.002, host_branch_s=2.5e-4),
+                    gpu_s_per_expert_token=2e-7, gpu_pass_s=0.006, draft_s_per_token=0.002, host_branch_s=1e-4),
 )}
 
 
