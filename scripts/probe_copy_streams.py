@@ -19,7 +19,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
         return 2
-    proj = [884736, 884736, 1290240]     # Q4_K gate/up, Q6_K down of a 2048 x 768 expert (bytes)
+    proj = [884736, 884736, 1290240]     # Q4_K gate/up, Q6_K down (as Q4_K_M files have; the bench model is all Q4_K)
     n_expert, n_miss, reps = 128, 96, 20
     per_expert = sum(proj)
     host = torch.empty(n_expert * per_expert, dtype=torch.uint8).pin_memory()

@@ -36,9 +36,9 @@ class HardwareProfile:
     draft_s_per_token: float | None         # one draft token
     # fixed cost per MoE layer of the CPU's part of a split pass (activations down, the CPU's threads
     # start), in parallel with the uploads; the split also pays one `stop_s` that nothing overlaps.
-    # Fitted on the H200 to a sweep of the in-pass share at K = 0 (docs/BENCHMARKS.md, session 8),
-    # a default elsewhere until measured
-    host_branch_s: float = 2.5e-4
+    # Fitted on the H200 to a sweep of the in-pass share at K = 0 (docs/BENCHMARKS.md, session 8);
+    # elsewhere, until measured, the earlier fit's 250 us per split less the stop
+    host_branch_s: float = 1.8e-4
     # one more stop of a pass per layer (a sync between GPU and host; the plan runs at one): a pass
     # whose experts exceed the slots runs in row chunks, one stop each. Fitted on the H200 from K = 5
     # verify passes, 3 chunks vs a split (docs/BENCHMARKS.md, "the split rule"): about 70 us
@@ -188,7 +188,7 @@ def _machine_key(device_name: str, device_total: int) -> str:
     """What would change the profile: the GPU (name, memory), its driver, the CPU model and core count."""
     import hashlib
     import platform
-    parts = ["v2", device_name, str(device_total), platform.machine(), str(os.cpu_count())]   # v2: expert-path scaling
+    parts = ["v3", device_name, str(device_total), platform.machine(), str(os.cpu_count())]   # v3: the split's stop
     for path in ("/proc/driver/nvidia/version", "/proc/cpuinfo"):
         try:
             text = Path(path).read_text(errors="replace")

@@ -234,7 +234,7 @@ def test_the_h200_profile_reproduces_the_measured_split_choices():
     from spac_gguf.balancer import inpass_share
     from spac_gguf.hardware import load_profile
     hw = load_profile("h200-pcie5")
-    B, k, E, S = 3_059_712, 8, 128, 21                       # the benchmark model's expert (Q4_K, Q6_K down)
+    B, k, E, S = 2_654_208, 8, 128, 21                       # the benchmark model's expert (Q4_K)
     assert 0.5 <= inpass_share(hw, B, 1, k, E, S, 0.83, reuse=0.0) <= 0.7
     assert inpass_share(hw, B, 1, k, E, S, 0.23, reuse=0.45) == 1.0
     no_stop = dataclasses.replace(hw, stop_s=0.0)
