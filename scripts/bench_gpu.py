@@ -818,6 +818,8 @@ def main(argv=None) -> int:
         "device": device_name(), "date": date, "host_cpu": cpu_name(), "cpu_threads": os.cpu_count(),
         "llama_cpp": getattr(llama_cpp, "__version__", "?"), "gpu_offload": gpu, "n_gpu_layers": a.ngl,
         "expert_cache": "patched" if native.available() else "absent",
+        # the patch's experiment: one 2-D copy per missed expert instead of one per projection
+        "copy_2d": os.environ.get("LLAMA_MOE_COPY_2D", "0") not in ("", "0"),
         "model": {
             "target": Path(a.target).name, "target_bytes": lay.file_size, "arch": lay.architecture,
             "n_layer": lay.n_layer, "n_expert": lay.n_expert, "k": lay.n_expert_used, "n_embd": lay.n_embd,

@@ -169,6 +169,47 @@ def test_slot_bytes_equal_file_bytes(model):
     assert cache.read_slot(il, cache.n_slots, 2, n) == bytes(n)
 
 
+def test_one_2d_copy_per_expert_lands_every_projection(model, threads, monkeypatch):
+    """LLAMA_MOE_COPY_2D=1 (an experiment, off by default): an expert's projections whose rows have
+    one size and sit at one distance on the host and in the slots move in one 2-D copy. Every slot
+    then holds the file's bytes of the expert the ledger names, in every projection; the zero slot
+    stays zero; passes with in-pass loads stay bit-identical to the uncached context."""
+    monkeypatch.setenv("LLAMA_MOE_COPY_2D", "1")
+    m, lay = model
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    cache = ExpertCache(ctx.ptr, n_slots=3, on_host=True)
+    raw = np.memmap(lay.path, dtype=np.uint8, mode="r")
+    rng = np.random.default_rng(7)
+
+    def check_slots():
+        cache.sync()
+        checked = 0
+        for il in np.nonzero(cache.cached_layers)[0]:
+            for s in np.nonzero(cache.state[il] > 0)[0]:
+                e = int(cache.slot_expert[il, s])
+                for p, name in PROJ.items():
+                    off, n = lay.expert_offset(int(il), e, name)
+                    assert cache.read_slot(int(il), int(s), p, n) == raw[off:off + n].tobytes(), (il, s, name)
+                    checked += 1
+            for p, name in PROJ.items():
+                _, n = lay.expert_offset(int(il), 0, name)
+                assert cache.read_slot(int(il), cache.n_slots, p, n) == bytes(n)
+        return checked
+
+    _random_placement(cache, rng)                                     # the copy worker's loads
+    assert check_slots() > 0
+    toks = m.tokenize(PROMPTS[0])
+    assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
+    for step in range(8):                                             # in-pass loads, every miss
+        cache.set_inpass(1.0, 1 << 20, rng.random((cache.n_layers, cache.n_expert)).astype(np.float32), np.inf)
+        chunk = [int(t) for t in rng.integers(100, 1000, size=1 + step % 4)]
+        assert np.array_equal(ref.decode(chunk, "all"), ctx.decode(chunk, "all")), f"step {step}"
+    assert cache.counters()["inpass_loads"] > 0
+    assert check_slots() > 0
+    del cache
+
+
 def test_api_misuse_returns_error_codes(model):
     m, lay = model
     ctx = LlamaContext(m, n_ctx=64, n_threads=1)
