@@ -155,6 +155,7 @@ def test_slot_bytes_equal_file_bytes(model):
     m, lay = model
     ctx = LlamaContext(m, n_ctx=64, n_threads=1)
     cache = ExpertCache(ctx.ptr, n_slots=2, on_host=True)
+    assert cache.counters()["copy_2d_layers"] == 0                   # the 2-D copy experiment is opt-in
     il = lay.moe_layers[-1]
     raw = np.memmap(lay.path, dtype=np.uint8, mode="r")
     for expert, slot in ((5, 0), (2, 1)):
@@ -182,23 +183,25 @@ def test_one_2d_copy_per_expert_lands_every_projection(model, threads, monkeypat
     raw = np.memmap(lay.path, dtype=np.uint8, mode="r")
     rng = np.random.default_rng(7)
 
-    def check_slots():
-        cache.sync()
+    def check_slots(c: ExpertCache) -> int:
+        c.sync()
         checked = 0
-        for il in np.nonzero(cache.cached_layers)[0]:
-            for s in np.nonzero(cache.state[il] > 0)[0]:
-                e = int(cache.slot_expert[il, s])
+        for il in np.nonzero(c.cached_layers)[0]:
+            for s in np.nonzero(c.state[il] > 0)[0]:
+                e = int(c.slot_expert[il, s])
                 for p, name in PROJ.items():
                     off, n = lay.expert_offset(int(il), e, name)
-                    assert cache.read_slot(int(il), int(s), p, n) == raw[off:off + n].tobytes(), (il, s, name)
+                    assert c.read_slot(int(il), int(s), p, n) == raw[off:off + n].tobytes(), (il, s, name)
                     checked += 1
             for p, name in PROJ.items():
                 _, n = lay.expert_offset(int(il), 0, name)
-                assert cache.read_slot(int(il), cache.n_slots, p, n) == bytes(n)
+                assert c.read_slot(int(il), c.n_slots, p, n) == bytes(n)
         return checked
 
+    # every test model has one quant type for all three projections: every cached layer groups them
+    assert cache.counters()["copy_2d_layers"] == int(np.count_nonzero(cache.cached_layers)) > 0
     _random_placement(cache, rng)                                     # the copy worker's loads
-    assert check_slots() > 0
+    assert check_slots(cache) > 0
     toks = m.tokenize(PROMPTS[0])
     assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
     for step in range(8):                                             # in-pass loads, every miss
@@ -206,7 +209,7 @@ def test_one_2d_copy_per_expert_lands_every_projection(model, threads, monkeypat
         chunk = [int(t) for t in rng.integers(100, 1000, size=1 + step % 4)]
         assert np.array_equal(ref.decode(chunk, "all"), ctx.decode(chunk, "all")), f"step {step}"
     assert cache.counters()["inpass_loads"] > 0
-    assert check_slots() > 0
+    assert check_slots(cache) > 0
     del cache
 
 
