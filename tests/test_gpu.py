@@ -83,12 +83,16 @@ def test_cache_free_gives_gpu_memory_back_and_stays_close(files):
         assert np.abs(a - b).max() / np.abs(a).max() < 1e-3
 
 
-def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files):
+@pytest.mark.parametrize("copy_2d", [False, True], ids=["copies", "copy2d"])
+def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files, copy_2d, monkeypatch):
     """Pinned host experts, in-pass loads every pass (half the misses, random priorities): the logits
     are as close to the stock CPU-expert path as the stock all-GPU path is (the GPU's expert kernels
     quantise activations differently, so the oracle is that spread, or 1e-3), and the slots the passes
-    filled hold the file's bytes."""
+    filled hold the file's bytes in every projection; with copy2d the same through one 2-D copy per
+    expert (cudaMemcpy2DAsync), which every cached layer then uses."""
     from spac_gguf import gguf_layout
+    if copy_2d:                      # the patch's experiment: one 2-D copy per expert (patches/README.md)
+        monkeypatch.setenv("LLAMA_MOE_COPY_2D", "1")
     target, _ = files
     lay = gguf_layout.describe(target)
     m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True, pinned_experts=True))
@@ -98,6 +102,8 @@ def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files):
     ref_gpu = LlamaContext(m_gpu, n_ctx=128)
     ctx = LlamaContext(m, n_ctx=128)
     cache = ExpertCache(ctx.ptr, n_slots=4, on_host=False)
+    n_cached = int(np.count_nonzero(cache.cached_layers))
+    assert cache.counters()["copy_2d_layers"] == (n_cached if copy_2d else 0)
     rng = np.random.default_rng(1)
     toks = m.tokenize(PROMPTS[2])
     a, g, b = ref.decode(toks, "all"), ref_gpu.decode(toks, "all"), ctx.decode(toks, "all")
@@ -115,8 +121,9 @@ def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files):
     raw = np.memmap(lay.path, dtype=np.uint8, mode="r")
     il = int(np.nonzero(cache.cached_layers)[0][0])
     for s in np.nonzero(cache.mapped[il])[0]:
-        off, n = lay.expert_offset(il, int(cache.slot_expert[il, s]), "up")
-        assert cache.read_slot(il, int(s), 0, n) == raw[off:off + n].tobytes()
+        for p, name in enumerate(("up", "gate", "down")):
+            off, n = lay.expert_offset(il, int(cache.slot_expert[il, s]), name)
+            assert cache.read_slot(il, int(s), p, n) == raw[off:off + n].tobytes()
 
 
 def test_direct_reads_on_gpu_are_close_and_copy_nothing(files):
