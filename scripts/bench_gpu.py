@@ -60,7 +60,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -399,7 +398,7 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         info["budget"] = 0.0
     info.setdefault("budget_actual", info["budget"])
     info["pinned_experts"] = bool(getattr(pair.target, "pinned", False))
-    if pair.cache is not None and native.available():
+    if pair.cache is not None and native.available():   # the patch's 2-D copy experiment, as the library reports it
         info["copy_2d_layers"] = pair.cache.counters()["copy_2d_layers"]
     info["routing_capture"] = ("native" if native.available() else
                                ("callback" if pair.routing is not None else "off"))
@@ -821,9 +820,6 @@ def main(argv=None) -> int:
         "device": device_name(), "date": date, "host_cpu": cpu_name(), "cpu_threads": os.cpu_count(),
         "llama_cpp": getattr(llama_cpp, "__version__", "?"), "gpu_offload": gpu, "n_gpu_layers": a.ngl,
         "expert_cache": "patched" if native.available() else "absent",
-        # the patch's experiment: one 2-D copy per missed expert instead of one per projection (as the
-        # C side reads the variable: a leading integer, non-zero); rows record the layers that use it
-        "copy_2d": bool(re.match(r"\s*[+-]?0*[1-9]", os.environ.get("LLAMA_MOE_COPY_2D", ""))),
         "model": {
             "target": Path(a.target).name, "target_bytes": lay.file_size, "arch": lay.architecture,
             "n_layer": lay.n_layer, "n_expert": lay.n_expert, "k": lay.n_expert_used, "n_embd": lay.n_embd,

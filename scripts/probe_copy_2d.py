@@ -18,7 +18,8 @@ import glob
 import json
 import os
 import sys
-import time
+
+from probe_copy_streams import best_pass_gbps   # the same timed pass of misses
 
 
 def _cudart():
@@ -76,41 +77,37 @@ def main() -> int:
         dev = torch.zeros(doff, dtype=torch.uint8, device="cuda")
         return host, host_off, dev, dev_off
 
+    def groups(proj, hoff, doff):
+        """(first projection, rows, src pitch, dst pitch) per copy: each run of equally sized
+        projections in one 2-D copy (at one distance between every pair of rows), the rest alone."""
+        out, p = [], 0
+        while p < len(proj):
+            q = p
+            while q + 1 < len(proj) and proj[q + 1] == proj[p]:
+                q += 1
+            rows, nb = q - p + 1, proj[p]
+            spitch = hoff[p + 1] - hoff[p] if rows > 1 else nb
+            dpitch = doff[p + 1] - doff[p] if rows > 1 else nb
+            assert all(hoff[j + 1] - hoff[j] == spitch and doff[j + 1] - doff[j] == dpitch for j in range(p, q))
+            out.append((p, rows, spitch, dpitch))
+            p = q + 1
+        return out
+
     def run(proj, mode):
         host, hoff, dev, doff = layout(proj)
         hp, dp = host.data_ptr(), dev.data_ptr()
         stream = torch.cuda.current_stream().cuda_stream
-        best = 0.0
-        for _ in range(reps):
-            experts = torch.randperm(n_expert, generator=g)[:n_miss].tolist()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for i, e in enumerate(experts):
-                s = i % n_slots
-                if mode == "three":
-                    for p, nb in enumerate(proj):
-                        rc = memcpy2d(dp + doff[p] + s * nb, nb, hp + hoff[p] + e * nb, nb, nb, 1, H2D, stream)
-                        if rc:
-                            raise RuntimeError(f"cudaMemcpy2DAsync {rc}")
-                else:      # "2d": each run of equally sized projections in one call, the rest alone
-                    p = 0
-                    while p < len(proj):
-                        q = p
-                        while q + 1 < len(proj) and proj[q + 1] == proj[p]:
-                            q += 1
-                        rows, nb = q - p + 1, proj[p]
-                        spitch = hoff[p + 1] - hoff[p] if rows > 1 else nb
-                        dpitch = doff[p + 1] - doff[p] if rows > 1 else nb
-                        if rows > 2:      # a constant distance between every pair of rows
-                            assert all(hoff[j + 1] - hoff[j] == spitch and doff[j + 1] - doff[j] == dpitch
-                                       for j in range(p, q))
-                        rc = memcpy2d(dp + doff[p] + s * nb, dpitch, hp + hoff[p] + e * nb, spitch, nb, rows,
-                                      H2D, stream)
-                        if rc:
-                            raise RuntimeError(f"cudaMemcpy2DAsync {rc}")
-                        p = q + 1
-            torch.cuda.synchronize()
-            best = max(best, n_miss * sum(proj) / (time.perf_counter() - t0) / 1e9)
+        plan = ([(p, 1, nb, nb) for p, nb in enumerate(proj)] if mode == "three"
+                else groups(proj, hoff, doff))       # worked out once, outside the timed passes
+
+        def copy_one(i, e):
+            s = i % n_slots
+            for p, rows, spitch, dpitch in plan:
+                nb = proj[p]
+                rc = memcpy2d(dp + doff[p] + s * nb, dpitch, hp + hoff[p] + e * nb, spitch, nb, rows, H2D, stream)
+                if rc:
+                    raise RuntimeError(f"cudaMemcpy2DAsync {rc}")
+        best = best_pass_gbps(torch, g, n_expert, n_miss, reps, sum(proj), copy_one)
         # the copies landed where the slots are: every slot written holds ones
         written = min(n_miss, n_slots)
         ok = all(int(dev[doff[p]:doff[p] + written * nb].sum()) == written * nb for p, nb in enumerate(proj))
@@ -119,18 +116,12 @@ def main() -> int:
     def contiguous(per_expert):
         host = torch.empty(n_expert * per_expert, dtype=torch.uint8).pin_memory()
         dev = torch.empty(n_slots * per_expert, dtype=torch.uint8, device="cuda")
-        best = 0.0
-        for _ in range(reps):
-            experts = torch.randperm(n_expert, generator=g)[:n_miss].tolist()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for i, e in enumerate(experts):
-                s = i % n_slots
-                dev[s * per_expert:(s + 1) * per_expert].copy_(host[e * per_expert:(e + 1) * per_expert],
-                                                               non_blocking=True)
-            torch.cuda.synchronize()
-            best = max(best, n_miss * per_expert / (time.perf_counter() - t0) / 1e9)
-        return round(best, 2)
+
+        def copy_one(i, e):
+            s = i % n_slots
+            dev[s * per_expert:(s + 1) * per_expert].copy_(host[e * per_expert:(e + 1) * per_expert],
+                                                           non_blocking=True)
+        return round(best_pass_gbps(torch, g, n_expert, n_miss, reps, per_expert, copy_one), 2)
 
     q4k = [884736, 884736, 884736]            # the bench model: gate, down, up all Q4_K (2048 x 768)
     q4km = [884736, 884736, 1290240]          # Q4_K_M: gate, up Q4_K, down Q6_K
