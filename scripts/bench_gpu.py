@@ -334,9 +334,10 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         # where the engine's time goes, ms per target pass (ledger reads, poll/publish, the in-pass
         # policy, hit counting, the estimator, the plan's view, the plan, issuing loads)
         "engine_ms_per_pass": {k: 1e3 * (v - e0.get(k, 0.0)) / max(st.n_target_passes, 1) for k, v in e1.items()},
-        # verify passes by rows and kind ("gpu": all misses uploaded; "split": a CPU share): [count, summed s]
-        "pass_kinds": {k: [c - p0.get(k, [0, 0.0])[0], t - p0.get(k, [0, 0.0])[1]] for k, (c, t) in p1.items()
-                       if c > p0.get(k, [0, 0.0])[0]},
+        # verify passes by rows and kind ("gpu": all misses uploaded; "split": a CPU share):
+        # [count, summed s, summed in-pass share]
+        "pass_kinds": {k: [v[i] - p0.get(k, [0, 0.0, 0.0])[i] for i in range(3)] for k, v in p1.items()
+                       if v[0] > p0.get(k, [0, 0.0, 0.0])[0]},
         "breakdown": {
             "total_s": gen_s, "draft_s": st.t_draft, "verify_s": st.t_verify,
             "target_decode_s": float(sum(t for _, t in dec)),
@@ -672,13 +673,14 @@ def aggregate(runs: list[dict]) -> dict:
     agg["replay_rows_checked"] = sum(r["replay_rows_checked"] for r in runs)
     agg["replay_rows_mismatched"] = sum(r["replay_rows_mismatched"] for r in runs)
     agg["breakdown"] = {k: float(np.mean([r["breakdown"][k] for r in runs])) for k in runs[0]["breakdown"]}
-    kinds: dict = {}                                   # verify passes by "rows:gpu|split": [count, mean ms]
+    kinds: dict = {}                           # verify passes by "rows:gpu|split": [count, mean ms, mean share]
     for r in runs:
-        for key, (c, t) in r["pass_kinds"].items():
-            k0 = kinds.setdefault(key, [0, 0.0])
+        for key, (c, t, sh) in r["pass_kinds"].items():
+            k0 = kinds.setdefault(key, [0, 0.0, 0.0])
             k0[0] += c
             k0[1] += t
-    agg["pass_kinds"] = {k: [c, 1e3 * t / c] for k, (c, t) in sorted(kinds.items())}
+            k0[2] += sh
+    agg["pass_kinds"] = {k: [c, 1e3 * t / c, sh / c] for k, (c, t, sh) in sorted(kinds.items())}
     steps = sorted({k for r in runs for k in r["engine_ms_per_pass"]})
     agg["engine_ms_per_pass"] = {k: float(np.mean([r["engine_ms_per_pass"].get(k, 0.0) for r in runs])) for k in steps}
     n = agg["hits"] + agg["misses"]

@@ -4,7 +4,8 @@
 # (spac), replayed random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor.
 # FIT=1 also runs scripts/device_fit.sh. A share written `S:NAME` runs with the environment variable
 # NAME=1, `S:NAME=VALUE` with that value (an A/B switch); `S+dN` adds --spac-direct N (passes of <= N
-# rows read their misses from pinned host memory on the GPU); both: `S+dN:NAME=VALUE`.
+# rows read their misses from pinned host memory on the GPU); both: `S+dN:NAME=VALUE`; several
+# variables: `S:A=1,B=0` (tag S-A-B0).
 #   SHARES="0.7 1 auto auto+d1" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
 # ROUTINGS (default random,qwen3-calibrated) and SYSTEMS (default spac_ar,spac) narrow the runs.
 # Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab (see scripts/device_test.sh).
@@ -25,9 +26,10 @@ for entry in $SHARES; do
   direct=0; case $sh in *+d*) direct=${sh#*+d}; sh=${sh%%+d*};; esac
   case $direct in ''|*[!0-9]*) echo "entry $entry: write S+dN with N a number (S+dN:ENV=VALUE)"; continue;; esac
   case $mode in ""|*=*) ;; *) mode=$mode=1;; esac
+  mode=${mode//,/ }   # several variables: S:A=1,B=0
   LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) ))
   [ "$LEFT" -gt 60 ] || { echo "no time left for share $entry"; break; }
-  tag=$sh${mode:+-${mode%%=*}}$([ "$direct" != 0 ] && echo "-d$direct")
+  tag=$sh$(for kv in $mode; do v=${kv#*=}; echo -n "-${kv%%=*}$([ "$v" != 1 ] && echo "$v")"; done)$([ "$direct" != 0 ] && echo "-d$direct")
   timeout $(( LEFT - 10 )) env $mode $B --out "$OUT/split-$tag.json" --spac-direct $direct \
       --systems ${SYSTEMS:-spac_ar,spac}$([ $first = 1 ] && echo ,llama_ar_cpu) --spac-share $sh --time-limit $(( LEFT - 40 )) 2>&1 \
       | grep -E "tps=" | sed "s/^/[$tag] /" || echo "bench share $entry exit $?"

@@ -84,9 +84,11 @@ class Engine:
         self.solve_s: list[float] = []
         self.timers: dict[str, float] = {}              # seconds per step, summed (benchmarks read them)
         # verify passes by "rows:gpu" (every miss uploaded, no host branch) or "rows:split" (a CPU share):
-        # [count, seconds summed]: whether the split pays is then a measurement, not only the cost model's
+        # [count, seconds summed, in-pass share summed]: whether the split pays, and at which share, is
+        # then a measurement, not only the cost model's
         self.pass_seconds: dict[str, list] = {}
         self._pass_key: str | None = None
+        self._pass_share = 1.0
 
     def _lap(self, what: str, t0: float) -> float:
         t = time.perf_counter()
@@ -123,14 +125,16 @@ class Engine:
                 self.store.set_inpass(share, self.inpass.max_loads, pr, self.inpass.routed_bonus)
                 self._sent, self._sent_share = pr, share
             self._pass_key = f"{rows}:{'gpu' if share >= 1.0 else 'split'}"
+            self._pass_share = float(share)
             self._lap("inpass_policy", t)
 
     def timed_pass(self, seconds: float) -> None:
         """The verify decode that followed before_verify took `seconds` (the verifier times it)."""
         if self._pass_key is not None:
-            c = self.pass_seconds.setdefault(self._pass_key, [0, 0.0])
+            c = self.pass_seconds.setdefault(self._pass_key, [0, 0.0, 0.0])
             c[0] += 1
             c[1] += seconds
+            c[2] += self._pass_share
             self._pass_key = None
 
     def reuse_for(self, rows: int) -> float:

@@ -34,10 +34,11 @@ class HardwareProfile:
     #   (its FLOPs), so the same profile prices a 66 KB SmolLM2 expert and a 2.65 MB Qwen3 one
     gpu_pass_s: float | None                # dense work of one verify pass on the GPU (attention, router, head)
     draft_s_per_token: float | None         # one draft token
-    # fixed cost per MoE layer of the CPU's part of a split pass (activations down, the CPU's threads
-    # start), in parallel with the uploads; the split also pays one `stop_s` that nothing overlaps.
-    # Fitted on the H200 to a sweep of the in-pass share at K = 0 (docs/BENCHMARKS.md, session 8);
-    # elsewhere, until measured, the earlier fit's 250 us per split less the stop
+    # fixed cost per MoE layer of the CPU's part of a split pass (its threads start), net of the slot
+    # branch's GPU work that runs beside it (the model's GPU side counts uploads only), in parallel
+    # with the uploads; the split also pays one `stop_s` that nothing overlaps. Fitted on the H200 to
+    # K = 0 share sweeps (docs/BENCHMARKS.md, sessions 8 and 9: ~0 since the plan stop hands the
+    # host branch its inputs); elsewhere, until measured, the first fit's 250 us per split less the stop
     host_branch_s: float = 1.8e-4
     # one more stop of a pass per layer (a sync between GPU and host; the plan runs at one): a pass
     # whose experts exceed the slots runs in row chunks, one stop each. Fitted on the H200 from K = 5
@@ -96,8 +97,8 @@ BUILTIN: dict[str, HardwareProfile] = {p.name: p for p in (
                     gpu_s_per_expert_token=5e-7, gpu_pass_s=0.008, draft_s_per_token=0.003),
     HardwareProfile("h100-pcie5", link_gbps=51.0, cpu_expert_gbps=41.0, cpu_s_per_expert_token=1e-6,
                     gpu_s_per_expert_token=2e-7, gpu_pass_s=0.005, draft_s_per_token=0.002),
-    HardwareProfile("h200-pcie5", link_gbps=42.0, cpu_expert_gbps=45.0, cpu_s_per_expert_token=1e-6,
-                    gpu_s_per_expert_token=2e-7, gpu_pass_s=0.006, draft_s_per_token=0.002, host_branch_s=1e-4),
+    HardwareProfile("h200-pcie5", link_gbps=46.0, cpu_expert_gbps=45.0, cpu_s_per_expert_token=1e-6,
+                    gpu_s_per_expert_token=2e-7, gpu_pass_s=0.006, draft_s_per_token=0.002, host_branch_s=0.0),
 )}
 
 
@@ -188,7 +189,7 @@ def _machine_key(device_name: str, device_total: int) -> str:
     """What would change the profile: the GPU (name, memory), its driver, the CPU model and core count."""
     import hashlib
     import platform
-    parts = ["v3", device_name, str(device_total), platform.machine(), str(os.cpu_count())]   # v3: the split's stop
+    parts = ["v4", device_name, str(device_total), platform.machine(), str(os.cpu_count())]   # v4: host inputs at the plan
     for path in ("/proc/driver/nvidia/version", "/proc/cpuinfo"):
         try:
             text = Path(path).read_text(errors="replace")

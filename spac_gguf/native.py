@@ -113,7 +113,7 @@ def counters(ctx_ptr) -> dict:
     computed, layer-passes that read their misses straight from pinned host memory, the time
     in-pass plans waited for asynchronous loads (a routed miss still loading), and plans run (each
     one stop of a pass between a layer's router and its experts), and the cached layers whose
-    experts go in one 2-D copy (the patch's LLAMA_MOE_COPY_2D experiment; 0 from a build without it)."""
+    experts go in one 2-D copy (all of them unless LLAMA_MOE_COPY_2D=0 or their layout forbids it)."""
     out = (ctypes.c_uint64 * 9)()
     n = check("cache_counters", api.cache_counters(ctx_ptr, out, 9))
     return {"inpass_loads": int(out[0]), "inpass_bytes": int(out[1]),

@@ -225,17 +225,18 @@ def test_inpass_share_keeps_its_mode_near_the_break_even():
 
 
 def test_the_h200_profile_reproduces_the_measured_split_choices():
-    """The H200 profile against its K = 0 share sweep (docs/BENCHMARKS.md, session 8): with random
-    routing (~6.6 misses per layer, no reuse) share 0.6 was the fastest of 1 / 0.8 / 0.6 / 0.5, and
-    with qwen3-calibrated routing (~1.8 misses, reuse ~0.45) all uploads beat a split by ~77 us per
-    layer: the split's stop, which nothing overlaps, decides that one."""
+    """The H200 profile against its K = 0 share sweeps (docs/BENCHMARKS.md, session 9): with random
+    routing (~6.6 misses per layer, no reuse) share 0.5 was the fastest of 1 / 0.6 / 0.5 / 0.4 / 0.35
+    in three calls, and with qwen3-calibrated routing (~1.8 misses, reuse ~0.45) all uploads beat a
+    split (88 of 96 passes all-GPU, 12.1-12.5 ms): the split's stop, which nothing overlaps, decides
+    that one."""
     import dataclasses
 
     from spac_gguf.balancer import inpass_share
     from spac_gguf.hardware import load_profile
     hw = load_profile("h200-pcie5")
     B, k, E, S = 2_654_208, 8, 128, 21                       # the benchmark model's expert (Q4_K)
-    assert 0.5 <= inpass_share(hw, B, 1, k, E, S, 0.83, reuse=0.0) <= 0.7
+    assert 0.45 <= inpass_share(hw, B, 1, k, E, S, 0.83, reuse=0.0) <= 0.55
     assert inpass_share(hw, B, 1, k, E, S, 0.23, reuse=0.45) == 1.0
     no_stop = dataclasses.replace(hw, stop_s=0.0)
     assert inpass_share(no_stop, B, 1, k, E, S, 0.23, reuse=0.45) < 1.0

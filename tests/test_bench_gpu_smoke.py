@@ -61,9 +61,11 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     assert rows["llama_ar_cpu"]["engine_ms_per_pass"] == {}
     for name in ("spac", "sd_lru", "spac_ar"):                 # every verify pass timed by its rows and kind
         kinds = rows[name]["pass_kinds"]
-        assert sum(c for c, _ in kinds.values()) == rows[name]["passes"], (name, kinds)
+        assert sum(c for c, _, _ in kinds.values()) == rows[name]["passes"], (name, kinds)
         assert all(k.split(":")[1] in ("gpu", "split") and 1 <= int(k.split(":")[0]) <= 6 and ms > 0
-                   for k, (_, ms) in kinds.items()), kinds
+                   for k, (_, ms, _) in kinds.items()), kinds
+        # the share each kind ran at: all uploads at 1, a split below it
+        assert all((sh == 1.0) == k.endswith(":gpu") and 0.0 <= sh <= 1.0 for k, (_, _, sh) in kinds.items()), kinds
     assert all(k.endswith(":gpu") for k in rows["sd_lru"]["pass_kinds"])   # upstream's design: no CPU share
     assert rows["llama_ar_cpu"]["pass_kinds"] == {}
 

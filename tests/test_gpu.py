@@ -88,11 +88,11 @@ def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files, copy_2d, monkeypat
     """Pinned host experts, in-pass loads every pass (half the misses, random priorities): the logits
     are as close to the stock CPU-expert path as the stock all-GPU path is (the GPU's expert kernels
     quantise activations differently, so the oracle is that spread, or 1e-3), and the slots the passes
-    filled hold the file's bytes in every projection; with copy2d the same through one 2-D copy per
-    expert (cudaMemcpy2DAsync), which every cached layer then uses."""
+    filled hold the file's bytes in every projection; with copy2d (the default) the same through one
+    2-D copy per expert (cudaMemcpy2DAsync), which every cached layer then uses, with copies
+    (LLAMA_MOE_COPY_2D=0) one copy per projection."""
     from spac_gguf import gguf_layout
-    if copy_2d:                      # the patch's experiment: one 2-D copy per expert (patches/README.md)
-        monkeypatch.setenv("LLAMA_MOE_COPY_2D", "1")
+    monkeypatch.setenv("LLAMA_MOE_COPY_2D", "1" if copy_2d else "0")
     target, _ = files
     lay = gguf_layout.describe(target)
     m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True, pinned_experts=True))

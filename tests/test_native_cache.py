@@ -151,11 +151,13 @@ def test_loads_in_flight_come_from_the_ledger(model):
     assert cache.loading() == {} and cache.resident()[a, 0] == 3 and cache.resident()[b, 1] == 1
 
 
-def test_slot_bytes_equal_file_bytes(model):
+def test_slot_bytes_equal_file_bytes(model, monkeypatch):
+    """One copy per projection (LLAMA_MOE_COPY_2D=0; the 2-D copy, the default, has its own test)."""
+    monkeypatch.setenv("LLAMA_MOE_COPY_2D", "0")
     m, lay = model
     ctx = LlamaContext(m, n_ctx=64, n_threads=1)
     cache = ExpertCache(ctx.ptr, n_slots=2, on_host=True)
-    assert cache.counters()["copy_2d_layers"] == 0                   # the 2-D copy experiment is opt-in
+    assert cache.counters()["copy_2d_layers"] == 0
     il = lay.moe_layers[-1]
     raw = np.memmap(lay.path, dtype=np.uint8, mode="r")
     for expert, slot in ((5, 0), (2, 1)):
@@ -171,11 +173,11 @@ def test_slot_bytes_equal_file_bytes(model):
 
 
 def test_one_2d_copy_per_expert_lands_every_projection(model, threads, monkeypatch):
-    """LLAMA_MOE_COPY_2D=1 (an experiment, off by default): an expert's projections whose rows have
-    one size and sit at one distance on the host and in the slots move in one 2-D copy. Every slot
-    then holds the file's bytes of the expert the ledger names, in every projection; the zero slot
-    stays zero; passes with in-pass loads stay bit-identical to the uncached context."""
-    monkeypatch.setenv("LLAMA_MOE_COPY_2D", "1")
+    """The default copy: an expert's projections whose rows have one size and sit at one distance on
+    the host and in the slots move in one 2-D copy. Every slot then holds the file's bytes of the
+    expert the ledger names, in every projection; the zero slot stays zero; passes with in-pass loads
+    stay bit-identical to the uncached context."""
+    monkeypatch.delenv("LLAMA_MOE_COPY_2D", raising=False)
     m, lay = model
     ref = LlamaContext(m, n_ctx=256, n_threads=threads)
     ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
@@ -385,6 +387,35 @@ def test_a_plan_serves_the_rows_after_it_that_fit(model, threads):
         p0 = cache.counters()["plans"]
         assert np.array_equal(ref.decode(batch, "all"), ctx.decode(batch, "all")), f"{groups} groups"
         assert cache.counters()["plans"] - p0 == plans_per_layer * len(lay.moe_layers), f"{groups} groups"
+
+
+def test_replayed_routing_with_a_host_branch_is_bit_exact(model, threads):
+    """Replayed ids do not depend on the layer's input, yet the plan stop hands that input to the
+    host branch: it must be computed before the plan node. Replay (as the benchmarks run it) with a
+    host branch every pass (random maps, half the misses loaded in the pass) == replay without a cache,
+    1- and 5-row passes."""
+    m, lay = model
+    k, E = lay.n_expert_used, lay.n_expert
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+    cache = ExpertCache(ctx.ptr, n_slots=3, on_host=True)
+    toks = m.tokenize(PROMPTS[2])
+    assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
+    rng = np.random.default_rng(17)
+    host = 0
+    for rows in (1, 5, 1, 5, 1, 1):
+        for il in lay.moe_layers:
+            ids = np.stack([rng.choice(E, size=k, replace=False) for _ in range(rows)]).astype(np.int32)
+            for c in (ref, ctx):
+                native.replay(c.ptr, il, ids)
+        cache.sync()                                                  # the last pass's in-pass loads
+        _random_placement(cache, rng)
+        cache.set_inpass(0.5, 1 << 20, rng.random((cache.n_layers, cache.n_expert)).astype(np.float32), 0.0)
+        h0 = cache.counters()["host_pairs"]
+        batch = [int(t) for t in rng.integers(100, 1000, size=rows)]
+        assert np.array_equal(ref.decode(batch, "all"), ctx.decode(batch, "all")), f"{rows} rows"
+        host += cache.counters()["host_pairs"] - h0
+    assert host > 0                                                   # the host branch ran
 
 
 def test_a_plan_leaves_room_when_a_caller_duplicated_an_expert(model, threads):
