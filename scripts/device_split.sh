@@ -25,8 +25,7 @@ for entry in $SHARES; do
   sh=${entry%%:*}; mode=${entry#*:}; [ "$mode" = "$entry" ] && mode=""
   direct=0; case $sh in *+d*) direct=${sh#*+d}; sh=${sh%%+d*};; esac
   case $direct in ''|*[!0-9]*) echo "entry $entry: write S+dN with N a number (S+dN:ENV=VALUE)"; continue;; esac
-  case $mode in ""|*=*) ;; *) mode=$mode=1;; esac
-  mode=${mode//,/ }   # several variables: S:A=1,B=0
+  mode=$(for kv in ${mode//,/ }; do case $kv in *=*) echo -n "$kv ";; *) echo -n "$kv=1 ";; esac; done)   # S:A=1,B or S:A
   LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) ))
   [ "$LEFT" -gt 60 ] || { echo "no time left for share $entry"; break; }
   tag=$sh$(for kv in $mode; do v=${kv#*=}; echo -n "-${kv%%=*}$([ "$v" != 1 ] && echo "$v")"; done)$([ "$direct" != 0 ] && echo "-d$direct")
