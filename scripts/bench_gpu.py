@@ -329,6 +329,9 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "direct_passes": (n1["direct_passes"] - n0["direct_passes"]) if n0 else 0,   # layer-passes read from host
         "inpass_wait_s": (n1["inpass_wait_s"] - n0["inpass_wait_s"]) if n0 else 0.0,  # plans waiting for async loads
         "plans": (n1["plans"] - n0["plans"]) if n0 else 0,      # layer-pass stops between router and experts
+        # those stops' time: waiting for the nodes before the plan (launch, run, sync), and the plan itself
+        "stop_s": (n1["stop_s"] - n0["stop_s"]) if n0 else 0.0,
+        "plan_s": (n1["plan_s"] - n0["plan_s"]) if n0 else 0.0,
         "routing_seen": bool(probe.unique),
         "replay_rows_checked": probe.replay_checked, "replay_rows_mismatched": probe.replay_mismatched,
         # where the engine's time goes, ms per target pass (ledger reads, poll/publish, the in-pass
@@ -646,7 +649,7 @@ def aggregate(runs: list[dict]) -> dict:
     agg = {"tps": statistics.median(tps), "tps_runs": tps, "repeats": len(runs),
            "tps_min": min(tps), "tps_max": max(tps)}
     for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts",
-              "inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans"):
+              "inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans", "stop_s", "plan_s"):
         agg[k] = float(np.mean([r[k] for r in runs]))
     acc = [r["acceptance"] for r in runs if r["acceptance"] is not None]
     agg["acceptance"] = float(np.mean(acc)) if acc else None
@@ -974,6 +977,7 @@ def main(argv=None) -> int:
                 doc["results"].append(r)
                 log(f"  {s:16s} b={r['budget']!s:5s} r={routing:16s} a={acc!s:4s} tps={r['tps']:.2f} "
                     f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} direct={r['direct_passes']:.0f} plans={r['plans']:.0f} "
+                    f"stop_ms/pass={1e3 * r['stop_s'] / max(r['passes'], 1):.2f} plan_ms/pass={1e3 * r['plan_s'] / max(r['passes'], 1):.2f} "
                     f"match={r['output_matches_reference']}")
             pair.close()
             save()

@@ -68,6 +68,9 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
         assert all((sh == 1.0) == k.endswith(":gpu") and 0.0 <= sh <= 1.0 for k, (_, _, sh) in kinds.items()), kinds
     assert all(k.endswith(":gpu") for k in rows["sd_lru"]["pass_kinds"])   # upstream's design: no CPU share
     assert rows["llama_ar_cpu"]["pass_kinds"] == {}
+    # the plan stops' time reaches the JSON (waiting for the nodes before the plan, the plan itself)
+    assert rows["spac"]["plans"] > 0 and rows["spac"]["plan_s"] > 0 and rows["spac"]["stop_s"] > 0
+    assert rows["llama_ar_cpu"]["plans"] == 0 and rows["llama_ar_cpu"]["plan_s"] == 0
 
 
 def test_bench_catch_up_ways_keep_the_same_work(tmp_path):
