@@ -402,7 +402,7 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
         info["budget"] = 0.0
     info.setdefault("budget_actual", info["budget"])
     info["pinned_experts"] = bool(getattr(pair.target, "pinned", False))
-    if pair.cache is not None and native.available():   # the patch's 2-D copy experiment, as the library reports it
+    if pair.cache is not None and native.available():   # layers with the 2-D copy (the default), as the library reports it
         info["copy_2d_layers"] = pair.cache.counters()["copy_2d_layers"]
     info["routing_capture"] = ("native" if native.available() else
                                ("callback" if pair.routing is not None else "off"))

@@ -10,6 +10,7 @@
 # ROUTINGS (default random,qwen3-calibrated) and SYSTEMS (default spac_ar,spac) narrow the runs.
 # Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab (see scripts/device_test.sh).
 set -uo pipefail
+set -f   # entries are words, never globs
 OUT=${OUT:-/tmp/split}
 SHARES=${SHARES:-0.7 0.5 0.35}
 mkdir -p "$OUT"

@@ -126,18 +126,20 @@ def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files, copy_2d, monkeypat
             assert cache.read_slot(il, int(s), p, n) == raw[off:off + n].tobytes()
 
 
-def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files):
+@pytest.mark.parametrize("on_host", [False, True], ids=["gpu-slots", "host-slots"])
+def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files, on_host):
     """Replayed ids (the benchmarks' routing) do not depend on the layer's input, which the plan stop
     copies down for the host branch while the GPU computes the slot branch: the input must be computed
-    before the stop reads it. Under the same replay, logits as close to the stock CPU-expert path as
-    the stock all-GPU path is (or 1e-3), with in-pass loads and a host branch every pass."""
+    before the stop reads it (with host slots the plan node can sit on the CPU, the input on the GPU).
+    Under the same replay, logits as close to the stock CPU-expert path as the stock all-GPU path is
+    (or 1e-3), with in-pass loads and a host branch every pass."""
     from spac_gguf import gguf_layout
     target, _ = files
     lay = gguf_layout.describe(target)
     m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True, pinned_experts=True))
     m_gpu = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=False))
     ref, ref_gpu, ctx = (LlamaContext(x, n_ctx=128) for x in (m, m_gpu, m))
-    cache = ExpertCache(ctx.ptr, n_slots=4, on_host=False)
+    cache = ExpertCache(ctx.ptr, n_slots=4, on_host=on_host)
     rng = np.random.default_rng(5)
     toks = m.tokenize(PROMPTS[1])
     a, g, b = ref.decode(toks, "all"), ref_gpu.decode(toks, "all"), ctx.decode(toks, "all")

@@ -81,7 +81,7 @@ def test_split_is_bit_exact_with_random_maps(model, threads):
         c1 = cache.counters()
         # a planned pass times its stops (waiting for the nodes before the plan, the plan); the stock
         # path (over 32 rows) has none
-        timed = c1["plans"] > c0["plans"] and c1["plan_s"] > c0["plan_s"] and c1["stop_s"] > c0["stop_s"]
+        timed = c1["plans"] > c0["plans"] and c1["plan_s"] >= c0["plan_s"] and c1["stop_s"] > c0["stop_s"]
         untouched = all(c1[x] == c0[x] for x in ("plans", "plan_s", "stop_s"))
         assert timed if n == 20 else untouched, (n, c0, c1)
 
@@ -102,10 +102,11 @@ def test_cache_free_and_init_again_stay_exact(model, threads):
             _random_placement(cache, rng)
             t = [int(x) for x in rng.integers(100, 1000, size=3)]
             assert np.array_equal(ref.decode(t, "all"), ctx.decode(t, "all"))
-        assert cache.counters()["host_pairs"] > 0
+        assert cache.counters()["host_pairs"] > 0 and cache.counters()["stop_s"] > 0
         cache.free()
         assert native.api.cache_bytes(ctx.ptr) == 0
-        assert cache.counters()["host_pairs"] == 0                   # counters restart with the next cache
+        c = cache.counters()                                          # counters restart with the next cache
+        assert c["host_pairs"] == 0 and c["plans"] == 0 and c["stop_s"] == 0 and c["plan_s"] == 0
         t = [int(x) for x in rng.integers(100, 1000, size=3)]
         assert np.array_equal(ref.decode(t, "all"), ctx.decode(t, "all"))
         with pytest.raises(native.NativeError, match="no expert cache"):
