@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call (< 10 minutes): the CUDA build and the GPU tests (scripts/device_test.sh; SKIP_TESTS=1
 # builds only), then spac's per-pass CPU/GPU split at fixed shares, plain decoding (spac_ar) and K = 5
-# (spac), replayed random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor.
+# (spac), replayed random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor
+# and again at the end while time is left (ANCHOR_END=0: not).
 # FIT=1 also runs scripts/device_fit.sh. A share written `S:NAME` runs with the environment variable
 # NAME=1, `S:NAME=VALUE` with that value (an A/B switch); `S+dN` adds --spac-direct N (passes of <= N
 # rows read their misses from pinned host memory on the GPU); both: `S+dN:NAME=VALUE`; several
@@ -35,4 +36,10 @@ for entry in $SHARES; do
       | grep -E "tps=" | sed "s/^/[$tag] /" || echo "bench share $entry exit $?"
   first=0
 done
+# the anchor again at the end (the CPU baseline drifts within a call): ratios against both ends
+LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) ))
+if [ "${ANCHOR_END:-1}" = 1 ] && [ "$LEFT" -gt 60 ]; then
+  timeout $(( LEFT - 10 )) $B --out "$OUT/split-anchor-end.json" --systems llama_ar_cpu --time-limit $(( LEFT - 40 )) 2>&1 \
+      | grep -E "tps=" | sed "s/^/[anchor-end] /" || echo "bench anchor-end exit $?"
+fi
 echo "done in $(( $(date +%s) - T0 )) s"
