@@ -298,8 +298,9 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     cost c0, n = (c0 + m cpu) / (upload + cpu) so that both pipes finish together, plus one stop
     (`stop_s`) that nothing overlaps: the GPU waits for the CPU's results. 1 means no host
     branch. (Measured on the H200, K = 0: with ~2 misses per layer a split costs +77 us per layer
-    (session 4), the serial stop; with ~6.7 misses share 0.6 saves ~75 us per layer against all
-    uploads (session 8).)
+    (session 4), the serial stop; with ~6.7 misses share 0.5 saves 100-115 us per layer against all
+    uploads since the host branch runs beside the slot branch (session 9; share 0.6 saved ~75 in
+    session 8).)
     (Slots the pass's own hits hold cannot take a miss with a host branch: the C side caps the loads
     at the free slots, so the split only fixes the order of magnitude there.)
 
