@@ -339,8 +339,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "engine_ms_per_pass": {k: 1e3 * (v - e0.get(k, 0.0)) / max(st.n_target_passes, 1) for k, v in e1.items()},
         # verify passes by rows and kind ("gpu": all misses uploaded; "split": a CPU share):
         # [count, summed s, summed in-pass share]
-        "pass_kinds": {k: [v[i] - p0.get(k, [0, 0.0, 0.0])[i] for i in range(3)] for k, v in p1.items()
-                       if v[0] > p0.get(k, [0, 0.0, 0.0])[0]},
+        "pass_kinds": {k: [x - x0 for x, x0 in zip(v, p0.get(k, (0, 0.0, 0.0)))] for k, v in p1.items()
+                       if v[0] > p0.get(k, (0,))[0]},
         "breakdown": {
             "total_s": gen_s, "draft_s": st.t_draft, "verify_s": st.t_verify,
             "target_decode_s": float(sum(t for _, t in dec)),
