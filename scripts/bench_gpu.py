@@ -332,6 +332,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         # those stops' time: waiting for the nodes before the plan (launch, run, sync), and the plan itself
         "stop_s": (n1["stop_s"] - n0["stop_s"]) if n0 else 0.0,
         "plan_s": (n1["plan_s"] - n0["plan_s"]) if n0 else 0.0,
+        "down_s": (n1["down_s"] - n0["down_s"]) if n0 else 0.0,    # of the plan: ids and layer input down
+        "copy_s": (n1["copy_s"] - n0["copy_s"]) if n0 else 0.0,    # of the plan: in-pass copies issued
         "routing_seen": bool(probe.unique),
         "replay_rows_checked": probe.replay_checked, "replay_rows_mismatched": probe.replay_mismatched,
         # where the engine's time goes, ms per target pass (ledger reads, poll/publish, the in-pass
@@ -649,7 +651,8 @@ def aggregate(runs: list[dict]) -> dict:
     agg = {"tps": statistics.median(tps), "tps_runs": tps, "repeats": len(runs),
            "tps_min": min(tps), "tps_max": max(tps)}
     for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts",
-              "inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans", "stop_s", "plan_s"):
+              "inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans", "stop_s", "plan_s",
+              "down_s", "copy_s"):
         agg[k] = float(np.mean([r[k] for r in runs]))
     acc = [r["acceptance"] for r in runs if r["acceptance"] is not None]
     agg["acceptance"] = float(np.mean(acc)) if acc else None
@@ -747,6 +750,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=420.0, help="seconds; later runs are skipped, noted in the JSON")
     ap.add_argument("--calib-tokens", type=int, default=64)
     ap.add_argument("--no-bw", action="store_true", help="skip the bandwidth measurements")
+    ap.add_argument("--no-anchor-end", dest="anchor_end", action="store_false",
+                    help="time llama_ar_cpu once (default: again at the end of the run, both visits in its rows)")
     ap.add_argument("--routing", default="random,qwen3-calibrated",
                     help=f"comma list of {', '.join(ROUTINGS)} (model: no replay)")
     ap.add_argument("--no-pinned", dest="pinned", action="store_false", help="host experts mmapped, not pinned")
@@ -905,6 +910,90 @@ def main(argv=None) -> int:
     gpu_pass_rows = None
     gpu_pass = None
     timed_out = False
+    def measure(s: str, b, accs: list) -> tuple[dict, dict] | None:
+        """One system's cells: load its pair, warm up, time every repeat x routing x acceptance."""
+        nonlocal timed_out, gpu_pass_rows
+        t = time.perf_counter()
+        try:
+            pair, probe, info = load_pair(s, b, a, lay, calib_path)
+        except Exception as e:                     # noqa: BLE001
+            log(f"SKIP {s} budget {b}: {type(e).__name__}: {e}")
+            skipped.append({"system": s, "budget": b, "reason": f"{type(e).__name__}: {e}"})
+            return None
+        info["load_s"] = time.perf_counter() - t
+        log(f"  loaded {s} budget={b} in {info['load_s']:.1f} s {info}")
+        if pair.cache is not None and "slot_upload_gbps" not in doc["bandwidth"]:
+            doc["bandwidth"].update(measure_slot_upload(pair))
+            log("  slot upload:", {k: v for k, v in doc["bandwidth"].items() if k.startswith("slot_")})
+        if s == "llama_ar_gpu" and gpu_pass_rows is None:
+            gpu_pass_rows = measure_pass_rows(pair, prompts[0], sorted({1, a.draft_max + 1}))
+            doc["gpu_pass_rows_s"] = gpu_pass_rows
+            log("  all-GPU pass time by rows:", gpu_pass_rows)
+        K0 = a.draft_max if s in SD_SYSTEMS else 0
+        # warm-up: one untimed run on the calibration prompt (kernels, page cache, cache fill)
+        run_once(pair, probe, warm_prompt, a.tokens, K0, warm_oracle if K0 else None,
+                 replays[a.routings[0]][-1] if replays[a.routings[0]] else None, s in ADAPTIVE, a.catch_up)
+        runs: dict[tuple, list] = {}
+        controllers: dict[tuple, DraftLength] = {}   # adaptive K: one per workload (routing, acceptance)
+        warmed: set[tuple] = set()                   # cells that had their untimed run
+        for rep in range(a.repeats):
+            for routing in a.routings:
+                for acc in accs:
+                    if time.perf_counter() - T0 > a.time_limit:
+                        timed_out = True
+                        continue
+                    K = a.draft_max if acc is not None else 0
+                    rp = replays[routing][rep] if replays[routing] else None
+                    if (routing, acc) not in warmed:
+                        # every system, every cell: one untimed run on the warm-up prompt with the
+                        # cell's routing and acceptance. Adaptive K gets a controller of its own per
+                        # workload and learns on it (a serving process learns on its first requests;
+                        # 48 tokens are ~25 rounds, too few to time learning); the caches see the
+                        # cell's routing preset before it is timed, the same for every system.
+                        warmed.add((routing, acc))
+                        if s in ADAPTIVE and K:
+                            controllers[(routing, acc)] = DraftLength(explore=ADAPTIVE[s])
+                            pair.draft_length = controllers[(routing, acc)]
+                        run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracles[acc] if K else None,
+                                 replays[routing][-1] if replays[routing] else None, s in ADAPTIVE, a.catch_up)
+                    if s in ADAPTIVE and K:
+                        pair.draft_length = controllers[(routing, acc)]
+                    toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None, rp,
+                                       s in ADAPTIVE, a.catch_up)
+                    m["matches_reference"] = toks == conts[rep]
+                    runs.setdefault((routing, acc), []).append(m)
+        pair.close()
+        return info, runs
+
+    def add_rows(s: str, b, info: dict, runs: dict, anchor: dict | None = None) -> None:
+        """A row per (routing, acceptance); `anchor`: the same cells timed again at the run's end (the
+        row's statistics then cover both visits, each visit's rates kept apart)."""
+        nonlocal gpu_pass
+        for (routing, acc), rs in runs.items():
+            again = (anchor or {}).get((routing, acc), [])
+            r = {"system": s, "budget": info["budget"] if info["budget"] is not None else b,
+                 "budget_actual": info.get("budget_actual"), "acceptance_target": acc,
+                 "routing": routing, "drafter": DRAFTER_LABEL if acc is not None else None,
+                 "draft_max": a.draft_max if acc is not None else 0, "adaptive": s in ADAPTIVE,
+                 **aggregate(rs + again), "config": info}
+            if anchor is not None:
+                r["anchor_tps_runs"] = {"first": [x["tps"] for x in rs], "last": [x["tps"] for x in again]}
+            if r["hit_rate"] is None:              # no cache: the share of routed entries whose experts sit on the GPU
+                r["hit_rate"] = float(r["budget_actual"] or 0.0)
+            if s == "llama_ar_gpu" and gpu_pass is None:
+                gpu_pass = r["breakdown"]["target_decode_s"] / max(r["passes"], 1)
+            doc["results"] = [x for x in doc["results"]
+                              if (x["system"], x["budget"], x["routing"], x["acceptance_target"])
+                              != (s, r["budget"], routing, acc)]
+            doc["results"].append(r)
+            log(f"  {s:16s} b={r['budget']!s:5s} r={routing:16s} a={acc!s:4s} tps={r['tps']:.2f} "
+                f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} direct={r['direct_passes']:.0f} plans={r['plans']:.0f} "
+                f"stop_ms/pass={1e3 * r['stop_s'] / max(r['passes'], 1):.2f} plan_ms/pass={1e3 * r['plan_s'] / max(r['passes'], 1):.2f} "
+                f"(down {1e3 * r['down_s'] / max(r['passes'], 1):.2f} copy {1e3 * r['copy_s'] / max(r['passes'], 1):.2f}) "
+                f"match={r['output_matches_reference']}" + (f" anchor={r['anchor_tps_runs']}" if anchor is not None else ""))
+        save()
+
+    first_visit: dict[tuple, tuple[dict, dict]] = {}
     for ph in order:
         cs = phases[ph]
         log(f"phase budget={ph}: {len(cs)} cells x {len(a.routings)} routings")
@@ -914,73 +1003,22 @@ def main(argv=None) -> int:
                 timed_out = True
                 skipped += [{"system": s, "budget": b, "reason": "time limit"}]
                 continue
-            t = time.perf_counter()
-            try:
-                pair, probe, info = load_pair(s, b, a, lay, calib_path)
-            except Exception as e:                     # noqa: BLE001
-                log(f"SKIP {s} budget {b}: {type(e).__name__}: {e}")
-                skipped.append({"system": s, "budget": b, "reason": f"{type(e).__name__}: {e}"})
-                continue
-            info["load_s"] = time.perf_counter() - t
-            log(f"  loaded {s} budget={b} in {info['load_s']:.1f} s {info}")
-            if pair.cache is not None and "slot_upload_gbps" not in doc["bandwidth"]:
-                doc["bandwidth"].update(measure_slot_upload(pair))
-                log("  slot upload:", {k: v for k, v in doc["bandwidth"].items() if k.startswith("slot_")})
-            if s == "llama_ar_gpu" and gpu_pass_rows is None:
-                gpu_pass_rows = measure_pass_rows(pair, prompts[0], sorted({1, a.draft_max + 1}))
-                doc["gpu_pass_rows_s"] = gpu_pass_rows
-                log("  all-GPU pass time by rows:", gpu_pass_rows)
-            accs = [acc for cs_, b_, acc in cs if (cs_, b_) == key]
-            K0 = a.draft_max if s in SD_SYSTEMS else 0
-            # warm-up: one untimed run on the calibration prompt (kernels, page cache, cache fill)
-            run_once(pair, probe, warm_prompt, a.tokens, K0, warm_oracle if K0 else None,
-                     replays[a.routings[0]][-1] if replays[a.routings[0]] else None, s in ADAPTIVE, a.catch_up)
-            runs: dict[tuple, list] = {}
-            controllers: dict[tuple, DraftLength] = {}   # adaptive K: one per workload (routing, acceptance)
-            warmed: set[tuple] = set()                   # cells that had their untimed run
-            for rep in range(a.repeats):
-                for routing in a.routings:
-                    for acc in accs:
-                        if time.perf_counter() - T0 > a.time_limit:
-                            timed_out = True
-                            continue
-                        K = a.draft_max if acc is not None else 0
-                        rp = replays[routing][rep] if replays[routing] else None
-                        if (routing, acc) not in warmed:
-                            # every system, every cell: one untimed run on the warm-up prompt with the
-                            # cell's routing and acceptance. Adaptive K gets a controller of its own per
-                            # workload and learns on it (a serving process learns on its first requests;
-                            # 48 tokens are ~25 rounds, too few to time learning); the caches see the
-                            # cell's routing preset before it is timed, the same for every system.
-                            warmed.add((routing, acc))
-                            if s in ADAPTIVE and K:
-                                controllers[(routing, acc)] = DraftLength(explore=ADAPTIVE[s])
-                                pair.draft_length = controllers[(routing, acc)]
-                            run_once(pair, probe, warm_prompt, a.tokens, K, warm_oracles[acc] if K else None,
-                                     replays[routing][-1] if replays[routing] else None, s in ADAPTIVE, a.catch_up)
-                        if s in ADAPTIVE and K:
-                            pair.draft_length = controllers[(routing, acc)]
-                        toks, m = run_once(pair, probe, prompts[rep], a.tokens, K, oracles[acc][rep] if K else None, rp,
-                                           s in ADAPTIVE, a.catch_up)
-                        m["matches_reference"] = toks == conts[rep]
-                        runs.setdefault((routing, acc), []).append(m)
-            for (routing, acc), rs in runs.items():
-                r = {"system": s, "budget": info["budget"] if info["budget"] is not None else b,
-                     "budget_actual": info.get("budget_actual"), "acceptance_target": acc,
-                     "routing": routing, "drafter": DRAFTER_LABEL if acc is not None else None,
-                     "draft_max": a.draft_max if acc is not None else 0, "adaptive": s in ADAPTIVE,
-                     **aggregate(rs), "config": info}
-                if r["hit_rate"] is None:              # no cache: the share of routed entries whose experts sit on the GPU
-                    r["hit_rate"] = float(r["budget_actual"] or 0.0)
-                if s == "llama_ar_gpu" and gpu_pass is None:
-                    gpu_pass = r["breakdown"]["target_decode_s"] / max(r["passes"], 1)
-                doc["results"].append(r)
-                log(f"  {s:16s} b={r['budget']!s:5s} r={routing:16s} a={acc!s:4s} tps={r['tps']:.2f} "
-                    f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} direct={r['direct_passes']:.0f} plans={r['plans']:.0f} "
-                    f"stop_ms/pass={1e3 * r['stop_s'] / max(r['passes'], 1):.2f} plan_ms/pass={1e3 * r['plan_s'] / max(r['passes'], 1):.2f} "
-                    f"match={r['output_matches_reference']}")
-            pair.close()
-            save()
+            got = measure(s, b, [acc for cs_, b_, acc in cs if (cs_, b_) == key])
+            if got is not None:
+                first_visit[key] = got
+                add_rows(s, b, *got)
+
+    # the CPU baseline again at the end (its rate drifted 33-41 tok/s within one device call): every
+    # ratio against it then holds against both ends of the run
+    anchor_key = ("llama_ar_cpu", None)
+    if a.anchor_end and anchor_key in first_visit and len(first_visit) > 1:
+        if a.time_limit - (time.perf_counter() - T0) > 30:
+            again = measure(*anchor_key, [None])
+            if again is not None:
+                add_rows(*anchor_key, first_visit[anchor_key][0], first_visit[anchor_key][1], again[1])
+        else:
+            log("no time left for the anchor's second visit")
+            skipped.append({"system": "llama_ar_cpu", "reason": "anchor at the end: time limit"})
 
     # llama.cpp's small-batch offload systems: this script again, in a process with the variable set
     left = a.time_limit - (time.perf_counter() - T0)

@@ -21,7 +21,7 @@ export PYTHONPATH=/tmp/site:$PWD
 M=/tmp/spac-bench-full
 [ -f $M/bench-target.gguf ] || python3 scripts/make_bench_model.py --out $M --scale full --vocab .dev/vocab/ggml-vocab-qwen2.gguf | tail -1
 [ "${FIT:-0}" = 1 ] && { bash scripts/device_fit.sh 2>&1 | tee "$OUT/fit.txt"; }
-B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf --routing ${ROUTINGS:-random,qwen3-calibrated} --budgets 0.17 --acceptances 0.7 --repeats 2 --no-bw"
+B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf --routing ${ROUTINGS:-random,qwen3-calibrated} --budgets 0.17 --acceptances 0.7 --repeats 2 --no-bw --no-anchor-end"
 first=1
 for entry in $SHARES; do
   sh=${entry%%:*}; mode=${entry#*:}; [ "$mode" = "$entry" ] && mode=""

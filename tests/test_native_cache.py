@@ -82,8 +82,11 @@ def test_split_is_bit_exact_with_random_maps(model, threads):
         # a planned pass times its stops (waiting for the nodes before the plan, the plan); the stock
         # path (over 32 rows) has none
         timed = c1["plans"] > c0["plans"] and c1["plan_s"] >= c0["plan_s"] and c1["stop_s"] > c0["stop_s"]
-        untouched = all(c1[x] == c0[x] for x in ("plans", "plan_s", "stop_s"))
+        untouched = all(c1[x] == c0[x] for x in ("plans", "plan_s", "stop_s", "down_s", "copy_s"))
         assert timed if n == 20 else untouched, (n, c0, c1)
+        # the plan's parts (ids and inputs down, copies issued) are inside it
+        d = {x: c1[x] - c0[x] for x in ("plan_s", "down_s", "copy_s")}
+        assert 0 <= d["down_s"] and 0 <= d["copy_s"] and d["down_s"] + d["copy_s"] <= d["plan_s"] + 1e-9, d
 
 
 def test_cache_free_and_init_again_stay_exact(model, threads):
@@ -106,7 +109,7 @@ def test_cache_free_and_init_again_stay_exact(model, threads):
         cache.free()
         assert native.api.cache_bytes(ctx.ptr) == 0
         c = cache.counters()                                          # counters restart with the next cache
-        assert c["host_pairs"] == 0 and c["plans"] == 0 and c["stop_s"] == 0 and c["plan_s"] == 0
+        assert c["host_pairs"] == 0 and c["plans"] == 0 and all(c[x] == 0 for x in ("stop_s", "plan_s", "down_s", "copy_s"))
         t = [int(x) for x in rng.integers(100, 1000, size=3)]
         assert np.array_equal(ref.decode(t, "all"), ctx.decode(t, "all"))
         with pytest.raises(native.NativeError, match="no expert cache"):
