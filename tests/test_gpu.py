@@ -126,14 +126,18 @@ def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files, copy_2d, monkeypat
             assert cache.read_slot(il, int(s), p, n) == raw[off:off + n].tobytes()
 
 
-@pytest.mark.parametrize("on_host", [False, True], ids=["gpu-slots", "host-slots"])
-def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files, on_host):
+@pytest.mark.parametrize("on_host,copies_first", [(False, False), (True, False), (False, True)],
+                         ids=["gpu-slots", "host-slots", "gpu-slots-copies-first"])
+def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files, on_host, copies_first, monkeypatch):
     """Replayed ids (the benchmarks' routing) do not depend on the layer's input, which the plan stop
     copies down for the host branch while the GPU computes the slot branch: the input must be computed
     before the stop reads it (with host slots the plan node can sit on the CPU, the input on the GPU).
     Under the same replay, logits as close to the stock CPU-expert path as the stock all-GPU path is
-    (or 1e-3), with in-pass loads and a host branch every pass."""
+    (or 1e-3), with in-pass loads and a host branch every pass. Host slots: the slot branch reads them
+    on the CPU (in-pass loads write them in the pass). LLAMA_MOE_COPIES_FIRST=1: the input is fetched
+    after the plan's copies are issued, before the compute stream waits for them."""
     from spac_gguf import gguf_layout
+    monkeypatch.setenv("LLAMA_MOE_COPIES_FIRST", "1" if copies_first else "0")
     target, _ = files
     lay = gguf_layout.describe(target)
     m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True, pinned_experts=True))

@@ -400,11 +400,14 @@ def test_a_plan_serves_the_rows_after_it_that_fit(model, threads):
         assert cache.counters()["plans"] - p0 == plans_per_layer * len(lay.moe_layers), f"{groups} groups"
 
 
-def test_replayed_routing_with_a_host_branch_is_bit_exact(model, threads):
+@pytest.mark.parametrize("copies_first", [False, True], ids=["fetch-first", "copies-first"])
+def test_replayed_routing_with_a_host_branch_is_bit_exact(model, threads, copies_first, monkeypatch):
     """Replayed ids do not depend on the layer's input, yet the plan stop hands that input to the
     host branch: it must be computed before the plan node. Replay (as the benchmarks run it) with a
     host branch every pass (random maps, half the misses loaded in the pass) == replay without a cache,
-    1- and 5-row passes."""
+    1- and 5-row passes; the input fetched before the plan or (LLAMA_MOE_COPIES_FIRST=1) after its
+    copies and before the map is published."""
+    monkeypatch.setenv("LLAMA_MOE_COPIES_FIRST", "1" if copies_first else "0")
     m, lay = model
     k, E = lay.n_expert_used, lay.n_expert
     ref = LlamaContext(m, n_ctx=256, n_threads=threads)
