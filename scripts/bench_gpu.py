@@ -705,7 +705,7 @@ def run_offload1(argv: list[str] | None, systems: list[str], out_path: Path, tim
         elif tok.split("=", 1)[0] not in drop and tok != "--no-bw":
             args.append(tok)
     sub_out = out_path.with_suffix(".offload1.json")
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--no-bw", "--out", str(sub_out),
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--no-bw", "--no-anchor-end", "--out", str(sub_out),
            "--systems", ",".join(OFFLOAD1[s] for s in systems), "--time-limit", f"{max(time_left - 20, 10):.0f}"]
     log("  llama.cpp small-batch offload (GGML_OP_OFFLOAD_MIN_BATCH=1):", " ".join(cmd[2:]))
     try:
@@ -910,15 +910,15 @@ def main(argv=None) -> int:
     gpu_pass_rows = None
     gpu_pass = None
     timed_out = False
-    def measure(s: str, b, accs: list) -> tuple[dict, dict] | None:
+    def measure(s: str, b, accs: list, why: str = "") -> tuple[dict, dict] | None:
         """One system's cells: load its pair, warm up, time every repeat x routing x acceptance."""
         nonlocal timed_out, gpu_pass_rows
-        t = time.perf_counter()
+        t = t_visit = time.perf_counter()
         try:
             pair, probe, info = load_pair(s, b, a, lay, calib_path)
         except Exception as e:                     # noqa: BLE001
             log(f"SKIP {s} budget {b}: {type(e).__name__}: {e}")
-            skipped.append({"system": s, "budget": b, "reason": f"{type(e).__name__}: {e}"})
+            skipped.append({"system": s, "budget": b, "reason": f"{why}{type(e).__name__}: {e}"})
             return None
         info["load_s"] = time.perf_counter() - t
         log(f"  loaded {s} budget={b} in {info['load_s']:.1f} s {info}")
@@ -963,6 +963,7 @@ def main(argv=None) -> int:
                     m["matches_reference"] = toks == conts[rep]
                     runs.setdefault((routing, acc), []).append(m)
         pair.close()
+        info["visit_s"] = time.perf_counter() - t_visit
         return info, runs
 
     def add_rows(s: str, b, info: dict, runs: dict, anchor: dict | None = None) -> None:
@@ -976,8 +977,9 @@ def main(argv=None) -> int:
                  "routing": routing, "drafter": DRAFTER_LABEL if acc is not None else None,
                  "draft_max": a.draft_max if acc is not None else 0, "adaptive": s in ADAPTIVE,
                  **aggregate(rs + again), "config": info}
-            if anchor is not None:
+            if anchor is not None:                 # repeats stays per visit (prompts); tps_runs has both
                 r["anchor_tps_runs"] = {"first": [x["tps"] for x in rs], "last": [x["tps"] for x in again]}
+                r["repeats"] = len(rs)
             if r["hit_rate"] is None:              # no cache: the share of routed entries whose experts sit on the GPU
                 r["hit_rate"] = float(r["budget_actual"] or 0.0)
             if s == "llama_ar_gpu" and gpu_pass is None:
@@ -1008,18 +1010,6 @@ def main(argv=None) -> int:
                 first_visit[key] = got
                 add_rows(s, b, *got)
 
-    # the CPU baseline again at the end (its rate drifted 33-41 tok/s within one device call): every
-    # ratio against it then holds against both ends of the run
-    anchor_key = ("llama_ar_cpu", None)
-    if a.anchor_end and anchor_key in first_visit and len(first_visit) > 1:
-        if a.time_limit - (time.perf_counter() - T0) > 30:
-            again = measure(*anchor_key, [None])
-            if again is not None:
-                add_rows(*anchor_key, first_visit[anchor_key][0], first_visit[anchor_key][1], again[1])
-        else:
-            log("no time left for the anchor's second visit")
-            skipped.append({"system": "llama_ar_cpu", "reason": "anchor at the end: time limit"})
-
     # llama.cpp's small-batch offload systems: this script again, in a process with the variable set
     left = a.time_limit - (time.perf_counter() - T0)
     if offload1 and left > 30:
@@ -1030,6 +1020,21 @@ def main(argv=None) -> int:
     elif offload1:
         timed_out = True
         skipped += [{"system": s, "reason": "time limit"} for s in offload1]
+
+    # the CPU baseline again at the very end (its rate drifted 32-38 tok/s within one device call):
+    # every ratio against it then holds against both ends of the run. Only when it fits: a visit costs
+    # about what the first did (its load and its runs, warm-ups included)
+    anchor_key = ("llama_ar_cpu", None)
+    if a.anchor_end and anchor_key in first_visit and len(first_visit) > 1:
+        left = a.time_limit - (time.perf_counter() - T0)
+        cost = first_visit[anchor_key][0].get("visit_s", 0.0)
+        if left > 1.2 * cost + 10:
+            again = measure(*anchor_key, [None], why="anchor at the end (its row has the first visit): ")
+            if again is not None:
+                add_rows(*anchor_key, first_visit[anchor_key][0], first_visit[anchor_key][1], again[1])
+        else:
+            log(f"the anchor's second visit does not fit ({left:.0f} s left, the first took {cost:.0f} s)")
+            skipped.append({"system": "llama_ar_cpu", "reason": "anchor at the end: time limit (its row has the first visit)"})
 
     # 3. rooflines (after all phases: the all-GPU pass time comes from the reference phase)
     if gpu_pass is None:

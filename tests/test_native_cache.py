@@ -84,9 +84,9 @@ def test_split_is_bit_exact_with_random_maps(model, threads):
         timed = c1["plans"] > c0["plans"] and c1["plan_s"] >= c0["plan_s"] and c1["stop_s"] > c0["stop_s"]
         untouched = all(c1[x] == c0[x] for x in ("plans", "plan_s", "stop_s", "down_s", "copy_s"))
         assert timed if n == 20 else untouched, (n, c0, c1)
-        # the plan's parts (ids and inputs down, copies issued) are inside it
-        d = {x: c1[x] - c0[x] for x in ("plan_s", "down_s", "copy_s")}
-        assert 0 <= d["down_s"] and 0 <= d["copy_s"] and d["down_s"] + d["copy_s"] <= d["plan_s"] + 1e-9, d
+        # the plan's parts (ids and inputs down, copies issued) are inside it; no in-pass loads here
+        d = {x: c1[x] - c0[x] for x in ("plan_s", "down_s", "copy_s", "inpass_loads")}
+        assert d["inpass_loads"] == 0 and d["copy_s"] == 0 and 0 <= d["down_s"] <= d["plan_s"] + 1e-9, d
 
 
 def test_cache_free_and_init_again_stay_exact(model, threads):
@@ -417,6 +417,7 @@ def test_replayed_routing_with_a_host_branch_is_bit_exact(model, threads, copies
     assert np.array_equal(ref.decode(toks, "all"), ctx.decode(toks, "all"))
     rng = np.random.default_rng(17)
     host = 0
+    c0 = cache.counters()
     for rows in (1, 5, 1, 5, 1, 1):
         for il in lay.moe_layers:
             ids = np.stack([rng.choice(E, size=k, replace=False) for _ in range(rows)]).astype(np.int32)
@@ -430,6 +431,12 @@ def test_replayed_routing_with_a_host_branch_is_bit_exact(model, threads, copies
         assert np.array_equal(ref.decode(batch, "all"), ctx.decode(batch, "all")), f"{rows} rows"
         host += cache.counters()["host_pairs"] - h0
     assert host > 0                                                   # the host branch ran
+    # in-pass loads ran and their copies were timed (fields 12-13 in their places: copies, then
+    # the ids and inputs down, both parts of the plan)
+    c1 = cache.counters()
+    d = {x: c1[x] - c0[x] for x in ("plan_s", "down_s", "copy_s", "inpass_loads")}
+    assert d["inpass_loads"] > 0 and d["copy_s"] > 0 and d["down_s"] > 0, d
+    assert d["down_s"] + d["copy_s"] <= d["plan_s"] + 1e-9, d
 
 
 def test_a_plan_leaves_room_when_a_caller_duplicated_an_expert(model, threads):
