@@ -248,8 +248,8 @@ def render(doc, json_name: str, png_name: str, plot_note: str | None) -> str:
         "`hit rate` = routed (row, layer, k) entries served from GPU memory (for no-cache systems: the share of expert "
         "layers on the GPU); `roofline` = drafting as measured + per pass the all-GPU pass time + the uncached experts "
         "that pass touched streamed once at DRAM bandwidth (see `roofline.basis` in the JSON); `pass ms (bound ms, ×)` = "
-        "target decode time per pass against max(its CPU expert bytes / DRAM read, its in-pass upload bytes / slot "
-        "upload bandwidth) + the all-GPU pass time of the same rows (llama_ar_gpu, measured in this run).",
+        "target decode time per pass against max(its CPU expert bytes / DRAM read, its in-pass upload bytes / the pinned "
+        "host-to-GPU link, both probed in the run) + the all-GPU pass time of the same rows (llama_ar_gpu, measured in this run).",
         "",
         "Ratios:",
         ratios(doc),
