@@ -87,6 +87,12 @@ CACHE_POLICY = {"sd_lru": "lru", "sd_static": "static", "spac": "spac", "lru_ar"
 # llama.cpp's own small-batch offload: experts in pinned host memory, every pass's used experts copied to
 # the GPU and computed there (GGML_OP_OFFLOAD_MIN_BATCH=1, read once per process: a process of its own)
 OFFLOAD1 = {"llama_ar_offload1": "llama_ar_cpu", "llama_sd_offload1": "llama_sd_cpu"}
+# the patch's counters a run reports as differences (native.counters): in-pass loads and bytes,
+# layer-passes read from host memory (direct), plans waiting for async loads, plan stops between a
+# layer's router and its experts, those stops' time (waiting for the nodes before the plan: launch,
+# run, sync; the plan itself), and of the plan: the ids and layer input read down, the copies issued
+NATIVE_COUNTERS = ("inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans",
+                   "stop_s", "plan_s", "down_s", "copy_s")
 ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "spac_aks",
                "lru_ar", "spac_ar", "llama_ar_gpu", *OFFLOAD1)
 ROUTINGS = ("model", "random", "qwen3-calibrated", "high-skew")
@@ -324,16 +330,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "catch_up_pair": {("split" if k else "batch"): [c, 1e3 * t] for k, (c, t) in pair.catch_up.seconds.items()} if drafter else {},
         "hits": c1["hits"] - c0["hits"], "misses": c1["misses"] - c0["misses"], "bytes_copied": c1["bytes"] - c0["bytes"],
         "unique_experts": int(sum(probe.unique)), "uncached_experts": int(sum(probe.uncached)),
-        "inpass_loads": (n1["inpass_loads"] - n0["inpass_loads"]) if n0 else 0,
-        "inpass_bytes": (n1["inpass_bytes"] - n0["inpass_bytes"]) if n0 else 0,
-        "direct_passes": (n1["direct_passes"] - n0["direct_passes"]) if n0 else 0,   # layer-passes read from host
-        "inpass_wait_s": (n1["inpass_wait_s"] - n0["inpass_wait_s"]) if n0 else 0.0,  # plans waiting for async loads
-        "plans": (n1["plans"] - n0["plans"]) if n0 else 0,      # layer-pass stops between router and experts
-        # those stops' time: waiting for the nodes before the plan (launch, run, sync), and the plan itself
-        "stop_s": (n1["stop_s"] - n0["stop_s"]) if n0 else 0.0,
-        "plan_s": (n1["plan_s"] - n0["plan_s"]) if n0 else 0.0,
-        "down_s": (n1["down_s"] - n0["down_s"]) if n0 else 0.0,    # of the plan: ids and layer input down
-        "copy_s": (n1["copy_s"] - n0["copy_s"]) if n0 else 0.0,    # of the plan: in-pass copies issued
+        **{k: (n1[k] - n0[k]) if n0 else (0.0 if k.endswith("_s") else 0) for k in NATIVE_COUNTERS},
         "routing_seen": bool(probe.unique),
         "replay_rows_checked": probe.replay_checked, "replay_rows_mismatched": probe.replay_mismatched,
         # where the engine's time goes, ms per target pass (ledger reads, poll/publish, the in-pass
@@ -651,8 +648,7 @@ def aggregate(runs: list[dict]) -> dict:
     agg = {"tps": statistics.median(tps), "tps_runs": tps, "repeats": len(runs),
            "tps_min": min(tps), "tps_max": max(tps)}
     for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts",
-              "inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans", "stop_s", "plan_s",
-              "down_s", "copy_s"):
+              *NATIVE_COUNTERS):
         agg[k] = float(np.mean([r[k] for r in runs]))
     acc = [r["acceptance"] for r in runs if r["acceptance"] is not None]
     agg["acceptance"] = float(np.mean(acc)) if acc else None
