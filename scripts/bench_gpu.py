@@ -360,8 +360,33 @@ def layers_for_budget(budget: float, n_moe: int) -> int:
     return max(1, min(n_moe, int(budget * n_moe + 1e-9)))
 
 
+# The patch's scheduler copies a split's inputs from host memory without a wait on the host (ggml-backend.cpp,
+# `host_input_events`); stock llama.cpp waits for each. The llama.cpp systems stand for stock llama.cpp, so
+# their contexts are made with the stock behaviour (GGML_SCHED_SYNC_HOST_INPUTS=1, read when a context's
+# scheduler is made) unless --baseline-async-inputs; each row's config says which it ran with.
+STOCK_SCHED_ENV = "GGML_SCHED_SYNC_HOST_INPUTS"
+
+
 def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, calib_path: str | None):
     """(pair, probe, info) for one system at one budget, or raise SkipSystem."""
+    stock = system.startswith("llama_") and not getattr(a, "baseline_async_inputs", False)
+    saved = os.environ.get(STOCK_SCHED_ENV)
+    if stock:
+        os.environ[STOCK_SCHED_ENV] = "1"
+    try:
+        pair, probe, info = _load_pair(system, budget, a, lay, calib_path)
+    finally:
+        if stock:
+            if saved is None:
+                os.environ.pop(STOCK_SCHED_ENV, None)
+            else:
+                os.environ[STOCK_SCHED_ENV] = saved
+    sync = stock or os.environ.get(STOCK_SCHED_ENV, "0") not in ("", "0")
+    info["host_inputs"] = "synchronous (stock llama.cpp)" if sync else "asynchronous (the patch's scheduler)"
+    return pair, probe, info
+
+
+def _load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, calib_path: str | None):
     kw = dict(n_gpu_layers=a.ngl, n_ctx=a.n_ctx, n_threads=a.threads, pinned_experts=a.pinned)
     base_routing = "native" if native.available() else "off"
     draft = a.draft if system in SD_SYSTEMS else None
@@ -763,6 +788,9 @@ def main(argv=None) -> int:
                          "ways, the faster used), one two-row decode, or two one-row decodes (an A/B)")
     ap.add_argument("--spac-prefetch", action="store_true",
                     help="spac: also prefetch the MIP's plan between passes (the library leaves it off with in-pass loads)")
+    ap.add_argument("--baseline-async-inputs", action="store_true",
+                    help="run the llama.cpp systems with the patch's asynchronous host-input copies too "
+                         "(default: stock llama.cpp's synchronous ones)")
     ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",
                     help="spac: passes of at most ROWS rows read their misses from pinned host memory on the GPU "
                          "(no in-pass upload; 0 off, at most 4)")
