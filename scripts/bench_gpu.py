@@ -428,6 +428,7 @@ def _load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, ca
     info["pinned_experts"] = bool(getattr(pair.target, "pinned", False))
     if pair.cache is not None and native.available():   # layers with the 2-D copy (the default), as the library reports it
         info["copy_2d_layers"] = pair.cache.counters()["copy_2d_layers"]
+        info["copy_groups"] = pair.cache.counters()["copy_groups"]           # copies per expert, summed over layers
     info["routing_capture"] = ("native" if native.available() else
                                ("callback" if pair.routing is not None else "off"))
     return pair, Probe(pair, gpu_layers), info

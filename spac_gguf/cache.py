@@ -59,7 +59,7 @@ class ExpertCache:
                                                              self.state.ctypes.data, self.slot_expert.size))
 
     def set_inpass(self, share: float, max_loads: int, priority: np.ndarray | None, routed_bonus: float = 0.0) -> None:
-        """Every cached layer's in-pass policy for the coming passes: up to ceil(share x misses),
+        """Every cached layer's in-pass policy for the coming passes: up to round(share x misses) (halves up),
         at most max_loads, loaded in decreasing priority [n_layers, n_expert] (< 0: never); a miss
         takes the slot of a mapped expert whose priority is below its own + routed_bonus."""
         pr = None

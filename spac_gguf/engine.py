@@ -21,7 +21,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class InPass:
-    """How a pass treats its misses: up to ceil(share x misses) (at most max_loads) are copied into
+    """How a pass treats its misses: up to round(share x misses) (at most max_loads) are copied into
     slots and computed on the GPU, the rest by the CPU; share None: the balancer's split for the
     pass's rows (`balancer.inpass_share`). With share 1 the C side drops the host branch and runs
     the pass in row chunks that fit the slots, every miss evicting the lowest-priority expert the

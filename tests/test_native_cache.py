@@ -169,6 +169,7 @@ def test_slot_bytes_equal_file_bytes(model, monkeypatch):
     ctx = LlamaContext(m, n_ctx=64, n_threads=1)
     cache = ExpertCache(ctx.ptr, n_slots=2, on_host=True)
     assert cache.counters()["copy_2d_layers"] == 0
+    assert cache.counters()["copy_groups"] == 3 * int(np.count_nonzero(cache.cached_layers))
     il = lay.moe_layers[-1]
     raw = np.memmap(lay.path, dtype=np.uint8, mode="r")
     for expert, slot in ((5, 0), (2, 1)):
@@ -211,8 +212,11 @@ def test_one_2d_copy_per_expert_lands_every_projection(model, threads, monkeypat
                 assert c.read_slot(int(il), c.n_slots, p, n) == bytes(n)
         return checked
 
-    # every test model has one quant type for all three projections: every cached layer groups them
-    assert cache.counters()["copy_2d_layers"] == int(np.count_nonzero(cache.cached_layers)) > 0
+    # every test model has one quant type for all three projections at equal distances in the file:
+    # every cached layer groups them, all three in one copy per expert
+    n_cached = int(np.count_nonzero(cache.cached_layers))
+    assert cache.counters()["copy_2d_layers"] == n_cached > 0
+    assert cache.counters()["copy_groups"] == n_cached
     _random_placement(cache, rng)                                     # the copy worker's loads
     assert check_slots(cache) > 0
     toks = m.tokenize(PROMPTS[0])
@@ -330,6 +334,23 @@ def test_inpass_respects_priority_and_share(model, threads):
     cache.sync()
     assert cache.counters()["inpass_loads"] > n0
     assert not np.array_equal(cache.slot_expert, held)
+
+
+def test_inpass_share_loads_the_nearest_count(model, threads):
+    """A pass loads share x its misses rounded to the nearest count (halves up), not rounded up: one
+    row through an empty cache misses its k experts in every cached layer, and every one could load."""
+    m, lay = model
+    k = lay.n_expert_used
+    tok = m.tokenize(PROMPTS[0])[:1]
+    for x, want in ((k // 2 + 0.25, k // 2), (k // 2 + 0.5, k // 2 + 1)):
+        ctx = LlamaContext(m, n_ctx=64, n_threads=threads)
+        cache = ExpertCache(ctx.ptr, n_slots=k, on_host=True)
+        cache.set_inpass(x / k, 1 << 20, np.ones((cache.n_layers, cache.n_expert), np.float32), np.inf)
+        ctx.decode(tok, "last")
+        n_cached = int(np.count_nonzero(cache.cached_layers))
+        assert cache.counters()["inpass_loads"] == want * n_cached, (x, k)
+        assert cache.counters()["host_pairs"] == (k - want) * n_cached
+        del cache, ctx
 
 
 def test_passes_that_fit_run_all_in_slots(model, threads):
