@@ -60,6 +60,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -92,7 +93,7 @@ OFFLOAD1 = {"llama_ar_offload1": "llama_ar_cpu", "llama_sd_offload1": "llama_sd_
 # layer's router and its experts, those stops' time (waiting for the nodes before the plan: launch,
 # run, sync; the plan itself), and of the plan: the ids and layer input read down, the copies issued
 NATIVE_COUNTERS = ("inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans",
-                   "stop_s", "plan_s", "down_s", "copy_s")
+                   "stop_s", "plan_s", "down_s", "copy_s", "pass_loads")
 ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "spac_aks",
                "lru_ar", "spac_ar", "llama_ar_gpu", *OFFLOAD1)
 ROUTINGS = ("model", "random", "qwen3-calibrated", "high-skew")
@@ -362,31 +363,39 @@ def layers_for_budget(budget: float, n_moe: int) -> int:
 
 # The patch's scheduler copies a split's inputs from host memory without a wait on the host (ggml-backend.cpp,
 # `host_input_events`); stock llama.cpp waits for each. The llama.cpp systems stand for stock llama.cpp, so
-# their contexts are made with the stock behaviour (GGML_SCHED_SYNC_HOST_INPUTS=1, read when a context's
-# scheduler is made) unless --baseline-async-inputs; each row's config says which it ran with.
+# they run with the stock behaviour (GGML_SCHED_SYNC_HOST_INPUTS=1) unless --baseline-async-inputs; each
+# row's config says which it ran with. llama.cpp reads the variable whenever it makes a context's
+# scheduler, which it does again at every reserve (routing export, replay and cache changes ask for
+# one), so it is set for the pair's whole life, not only its load.
 STOCK_SCHED_ENV = "GGML_SCHED_SYNC_HOST_INPUTS"
 
 
-def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, calib_path: str | None):
-    """(pair, probe, info) for one system at one budget, or raise SkipSystem."""
+def _atoi(v: str | None) -> int:
+    """C's atoi: the leading integer of v, 0 without one (how ggml reads the variable)."""
+    m = re.match(r"\s*([+-]?\d+)", v or "")
+    return int(m.group(1)) if m else 0
+
+
+@contextlib.contextmanager
+def host_inputs_for(system: str, a: argparse.Namespace):
+    """Yields the row label of the host-input copies `system` runs with, holding the variable set
+    while the block runs (the pair's life) for the llama.cpp systems."""
     stock = system.startswith("llama_") and not getattr(a, "baseline_async_inputs", False)
     saved = os.environ.get(STOCK_SCHED_ENV)
     if stock:
         os.environ[STOCK_SCHED_ENV] = "1"
     try:
-        pair, probe, info = _load_pair(system, budget, a, lay, calib_path)
+        yield ("synchronous (stock llama.cpp)" if stock or _atoi(saved) != 0
+               else "asynchronous (the patch's scheduler)")
     finally:
         if stock:
             if saved is None:
                 os.environ.pop(STOCK_SCHED_ENV, None)
             else:
                 os.environ[STOCK_SCHED_ENV] = saved
-    sync = stock or os.environ.get(STOCK_SCHED_ENV, "0") not in ("", "0")
-    info["host_inputs"] = "synchronous (stock llama.cpp)" if sync else "asynchronous (the patch's scheduler)"
-    return pair, probe, info
 
 
-def _load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, calib_path: str | None):
+def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, calib_path: str | None):
     kw = dict(n_gpu_layers=a.ngl, n_ctx=a.n_ctx, n_threads=a.threads, pinned_experts=a.pinned)
     base_routing = "native" if native.available() else "off"
     draft = a.draft if system in SD_SYSTEMS else None
@@ -416,7 +425,7 @@ def _load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, ca
                                         routed_bonus=a.spac_bonus, direct_rows=a.spac_direct,
                                         prefetch=a.spac_prefetch)
                                  if a.inpass and pol == "spac" else a.inpass and pol in ("lru", "spac")), **kw)
-        info.update(slots_per_layer=pair.cache.n_slots, inpass=str(pair.engine.inpass),
+        info.update(slots_per_layer=pair.cache.n_slots, pass_slots=pair.cache.n_pass_slots, inpass=str(pair.engine.inpass),
                     budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
                     policy=pol, hw=a.hw)
         if pol == "static":
@@ -937,6 +946,13 @@ def main(argv=None) -> int:
     timed_out = False
     def measure(s: str, b, accs: list, why: str = "") -> tuple[dict, dict] | None:
         """One system's cells: load its pair, warm up, time every repeat x routing x acceptance."""
+        with host_inputs_for(s, a) as host_inputs:
+            got = _measure(s, b, accs, why)
+        if got is not None:
+            got[0]["host_inputs"] = host_inputs
+        return got
+
+    def _measure(s: str, b, accs: list, why: str = "") -> tuple[dict, dict] | None:
         nonlocal timed_out, gpu_pass_rows
         t = t_visit = time.perf_counter()
         try:
@@ -1014,7 +1030,7 @@ def main(argv=None) -> int:
                               != (s, r["budget"], routing, acc)]
             doc["results"].append(r)
             log(f"  {s:16s} b={r['budget']!s:5s} r={routing:16s} a={acc!s:4s} tps={r['tps']:.2f} "
-                f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} direct={r['direct_passes']:.0f} plans={r['plans']:.0f} "
+                f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} (pass slots {r['pass_loads']:.0f}) direct={r['direct_passes']:.0f} plans={r['plans']:.0f} "
                 f"stop_ms/pass={1e3 * r['stop_s'] / max(r['passes'], 1):.2f} plan_ms/pass={1e3 * r['plan_s'] / max(r['passes'], 1):.2f} "
                 f"(down {1e3 * r['down_s'] / max(r['passes'], 1):.2f} copy {1e3 * r['copy_s'] / max(r['passes'], 1):.2f}) "
                 f"match={r['output_matches_reference']}" + (f" anchor={r['anchor_tps_runs']}" if anchor is not None else ""))

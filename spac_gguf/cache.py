@@ -17,9 +17,11 @@ EMPTY, LOADING, READY, MAPPED = native.SLOT_EMPTY, native.SLOT_LOADING, native.S
 
 
 class ExpertCache:
-    """n_slots GPU (or host) slots per cacheable MoE layer of one llama context."""
+    """n_slots GPU (or host) slots per cacheable MoE layer of one llama context, and `pass_slots` more
+    per device that a host-branch pass uploads misses into beyond the free slots, for that pass only
+    (its layers run one after another and share them; llama.h, llama_moe_cache_params)."""
 
-    def __init__(self, ctx_ptr, n_slots: int, on_host: bool = False):
+    def __init__(self, ctx_ptr, n_slots: int, on_host: bool = False, pass_slots: int = 0):
         if not native.available():
             raise native.NativeError(native.unavailable_reason(), -6)
         self.ctx = ctx_ptr
@@ -32,9 +34,10 @@ class ExpertCache:
         self.k = max(i.n_expert_used for i in moe)
         self.expert_bytes = int(max(sum(i.expert_bytes) for i in moe))
         params = native.api.cache_default_params()
-        params.n_slots, params.on_host = int(n_slots), bool(on_host)
+        params.n_slots, params.on_host, params.n_pass_slots = int(n_slots), bool(on_host), int(pass_slots)
         native.check("cache_init", native.api.cache_init(ctx_ptr, ctypes.byref(params)))
         self.n_slots = n_slots
+        self.n_pass_slots = int(pass_slots)
         self.cached_layers = np.array([native.layer_info(ctx_ptr, il).n_slots > 0 for il in range(self.n_layers)])
         self.slot_bytes = int(native.api.cache_bytes(ctx_ptr))
         L, S = self.n_layers, n_slots

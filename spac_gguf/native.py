@@ -10,7 +10,7 @@ import numpy as np
 import llama_cpp.llama_cpp as llc
 
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
-API_VERSION = 6  # LLAMA_MOE_API_VERSION this package was written against
+API_VERSION = 7  # LLAMA_MOE_API_VERSION this package was written against
 SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_MAPPED = 0, 1, 2, 3   # llama_moe_slot_state
 ERR_ALLOC = -8                                                   # LLAMA_MOE_ERR_ALLOC
 
@@ -38,7 +38,7 @@ class LayerInfo(ctypes.Structure):
 
 
 class CacheParams(ctypes.Structure):
-    _fields_ = [("n_slots", ctypes.c_int32), ("on_host", ctypes.c_bool)]
+    _fields_ = [("n_slots", ctypes.c_int32), ("on_host", ctypes.c_bool), ("n_pass_slots", ctypes.c_int32)]
 
 
 _SIGS = {
@@ -118,17 +118,18 @@ def counters(ctx_ptr) -> dict:
     launched and run, the sync: `stop_s`) and inside the callback (ids and inputs down, the plan,
     copies issued, the map published: `plan_s`), of which reading the ids and a host branch's layer
     input down (`down_s`) and issuing the in-pass copies (`copy_s`), and the copies an expert takes,
-    summed over the cached layers (`copy_groups`: one per layer when an expert is one 2-D copy);
-    0 from builds without them."""
-    out = (ctypes.c_uint64 * 14)()
-    n = check("cache_counters", api.cache_counters(ctx_ptr, out, 14))
+    summed over the cached layers (`copy_groups`: one per layer when an expert is one 2-D copy), and
+    the in-pass loads that went into pass slots (`pass_loads`, also in `inpass_loads`); 0 from builds
+    without them."""
+    out = (ctypes.c_uint64 * 15)()
+    n = check("cache_counters", api.cache_counters(ctx_ptr, out, 15))
     return {"inpass_loads": int(out[0]), "inpass_bytes": int(out[1]),
             "async_loads": int(out[2]), "async_bytes": int(out[3]), "host_pairs": int(out[4]),
             "direct_passes": int(out[5]), "inpass_wait_s": int(out[6]) * 1e-6, "plans": int(out[7]),
             "copy_2d_layers": int(out[8]) if n >= 9 else 0,
             "stop_s": int(out[9]) * 1e-6 if n >= 11 else 0.0, "plan_s": int(out[10]) * 1e-6 if n >= 11 else 0.0,
             "down_s": int(out[11]) * 1e-6 if n >= 13 else 0.0, "copy_s": int(out[12]) * 1e-6 if n >= 13 else 0.0,
-            "copy_groups": int(out[13]) if n >= 14 else 0}
+            "copy_groups": int(out[13]) if n >= 14 else 0, "pass_loads": int(out[14]) if n >= 15 else 0}
 
 
 def replay(ctx_ptr, il: int, ids: np.ndarray | None) -> None:

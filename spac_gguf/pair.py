@@ -29,6 +29,11 @@ from .speculative import CatchUp, ContextSide, Drafter, DrafterLike, Stats, gene
 from .trace import RoutingTrace, TraceRecorder
 
 
+# At most this many pass slots per device (a 6-row verify pass of a top-8 model routes ~40 experts;
+# the budget's remainder after whole slots per layer is usually less)
+PASS_SLOTS_MAX = 64
+
+
 class InputError(ValueError):
     """Bad input from the user (files, flags); the message is one line meant for them."""
 
@@ -252,6 +257,7 @@ class ModelPair:
         if policy not in NAMES or policy == "oracle":
             raise InputError(f"unknown policy {policy!r} for run (use none, static, lru, lfu or spac)")
         lay = self.layout
+        pass_slots = 0
         if cache_slots is None:
             if budget is None:
                 raise InputError("a cache needs --cache-slots N or --budget SIZE")
@@ -260,6 +266,11 @@ class ModelPair:
                 cache_slots = slots_for_budget(nbytes, lay.bytes_per_expert, len(lay.moe_layers), lay.n_expert)
             except InfeasibleBudget as e:
                 raise InputError(str(e)) from None
+            # what the budget has left after whole slots per layer buys pass slots (a verify pass's
+            # misses beyond the free slots go there with a host branch: the split, spac's policy)
+            if policy == "spac" and not on_host:
+                left = nbytes - cache_slots * len(lay.moe_layers) * lay.bytes_per_expert
+                pass_slots = int(min(max(left, 0) // lay.bytes_per_expert, PASS_SLOTS_MAX))
         if not 1 <= cache_slots <= lay.n_expert:
             raise InputError(f"--cache-slots must be in 1..{lay.n_expert} (got {cache_slots})")
         try:
@@ -271,7 +282,7 @@ class ModelPair:
             raise InputError("--policy static needs --calibration TRACE (record one with --trace)")
         try:
             with errors_worded_by_caller():                 # ggml's out-of-memory lines: ours says it in one
-                self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host)
+                self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host, pass_slots=pass_slots)
         except native.NativeError as e:
             if e.code == native.ERR_ALLOC and not on_host:   # the GPU is short of memory
                 raise InputError(self._cache_too_big(cache_slots)) from None

@@ -4,7 +4,9 @@ point of the benchmark: the same tokens as the target alone, a measured acceptan
 the routing labelled as replayed. Timings are not checked (performance lives in the benchmarks)."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +57,10 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     assert any(k.startswith("first:") for k in rows["sd_lru"]["draft_calls"])   # draft decodes timed by place
     assert doc["method"]["catch_up"] == "auto"
     assert rows["llama_ar_offload1"]["config"]["GGML_OP_OFFLOAD_MIN_BATCH"] == 1
+    # the llama.cpp systems stand for stock llama.cpp: its synchronous host-input copies, ours the patch's
+    assert rows["llama_ar_cpu"]["config"]["host_inputs"].startswith("synchronous"), rows["llama_ar_cpu"]["config"]
+    assert rows["llama_ar_offload1"]["config"]["host_inputs"].startswith("synchronous")
+    assert rows["spac_ar"]["config"]["host_inputs"].startswith("asynchronous")
     assert rows["spac"]["hits"] + rows["spac"]["misses"] > 0   # the cache saw the replayed routing
     steps = rows["spac"]["engine_ms_per_pass"]                  # where the engine's time goes reaches the JSON
     assert {"ledger", "observe", "hits"} <= set(steps) and all(v >= 0 for v in steps.values())
@@ -102,3 +108,25 @@ def test_bench_catch_up_ways_keep_the_same_work(tmp_path):
         assert bool(catchups) == (way == "split"), row["draft_calls"]
         assert row["catch_up_pair"][way][0] > 0 and row["catch_up_pair"]["batch" if way == "split" else "split"][0] == 0
     assert acc["split"] == acc["batch"]
+
+
+def test_the_stock_scheduler_is_held_for_the_pairs_whole_life(monkeypatch):
+    """llama.cpp reads GGML_SCHED_SYNC_HOST_INPUTS whenever it makes a scheduler (every reserve), so the
+    bench holds it set while a llama.cpp system's pair lives and restores it after; ours never get it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_gpu
+    monkeypatch.delenv(bench_gpu.STOCK_SCHED_ENV, raising=False)
+    a = argparse.Namespace(baseline_async_inputs=False)
+    with bench_gpu.host_inputs_for("llama_ar_cpu", a) as label:
+        assert os.environ[bench_gpu.STOCK_SCHED_ENV] == "1" and label.startswith("synchronous")
+    assert bench_gpu.STOCK_SCHED_ENV not in os.environ
+    with bench_gpu.host_inputs_for("spac_ar", a) as label:
+        assert bench_gpu.STOCK_SCHED_ENV not in os.environ and label.startswith("asynchronous")
+    with bench_gpu.host_inputs_for("llama_ar_cpu", argparse.Namespace(baseline_async_inputs=True)) as label:
+        assert bench_gpu.STOCK_SCHED_ENV not in os.environ and label.startswith("asynchronous")
+    monkeypatch.setenv(bench_gpu.STOCK_SCHED_ENV, "0")
+    with bench_gpu.host_inputs_for("llama_ar_cpu", a):
+        assert os.environ[bench_gpu.STOCK_SCHED_ENV] == "1"
+    assert os.environ[bench_gpu.STOCK_SCHED_ENV] == "0"
+    with bench_gpu.host_inputs_for("spac_ar", a) as label:     # "0" reads as off, as ggml's atoi does
+        assert label.startswith("asynchronous")

@@ -353,6 +353,44 @@ def test_inpass_share_loads_the_nearest_count(model, threads):
         del cache, ctx
 
 
+def test_pass_slots_take_misses_beyond_the_free_slots_exactly(model, threads):
+    """With pass slots, a host-branch pass whose rows may route more experts than the slots uploads the
+    misses its share allows beyond the free slots into the device's pool and computes them there: the
+    logits stay bit-identical to the uncached context, the host computes fewer (row, expert) pairs
+    than the same passes without pass slots, and a pass that fits the slots (one row) takes none.
+    Unquantized experts get no pool (the device's per-row kernels skip id -1 only for quantized ones)."""
+    m, lay = model
+    k = lay.n_expert_used
+    pooled = not any(q in ("F16", "BF16", "F32") for qs in lay.expert_qtypes.values() for q in qs)
+    toks = m.tokenize(PROMPTS[1])
+    ref = LlamaContext(m, n_ctx=256, n_threads=threads)
+    want = [ref.decode(toks, "all")]
+    rng = np.random.default_rng(11)
+    chunks = [[int(t) for t in rng.integers(100, 1000, 2 + step % 3)] for step in range(8)]
+    want += [ref.decode(c, "all") for c in chunks]
+    host = {}
+    for n_pass in (0, 2 * k):
+        ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
+        cache = ExpertCache(ctx.ptr, n_slots=k, on_host=True, pass_slots=n_pass)
+        prio = np.random.default_rng(5).random((cache.n_layers, cache.n_expert)).astype(np.float32)
+        cache.set_inpass(0.999, 1 << 20, prio, 0.0)   # a host branch; a miss evicts only lower priority
+        assert np.array_equal(want[0], ctx.decode(toks, "all"))
+        for step, c in enumerate(chunks):
+            assert np.array_equal(want[step + 1], ctx.decode(c, "all")), (n_pass, step)
+            cache.sync()
+        n = cache.counters()
+        host[n_pass] = n["host_pairs"]
+        if n_pass == 0 or not pooled:
+            assert n["pass_loads"] == 0
+        else:
+            assert n["pass_loads"] > 0 and n["inpass_loads"] >= n["pass_loads"]
+            before = n["pass_loads"]
+            ctx.decode(toks[:1], "all")                    # k pairs fit the k slots: no pass slots
+            assert cache.counters()["pass_loads"] == before
+        del cache, ctx
+    assert (host[2 * k] < host[0]) if pooled else (host[2 * k] == host[0]), host
+
+
 def test_passes_that_fit_run_all_in_slots(model, threads):
     """With share 1 there is no host branch: a pass runs in row chunks whose experts fit in the slots,
     each planned right before it runs. Every routed expert of the last chunk is in a slot after the
