@@ -424,9 +424,13 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
                          inpass=(InPass(share=None if a.spac_share == "auto" else float(a.spac_share),
                                         routed_bonus=a.spac_bonus, direct_rows=a.spac_direct,
                                         prefetch=a.spac_prefetch)
-                                 if a.inpass and pol == "spac" else a.inpass and pol in ("lru", "spac")), **kw)
-        info.update(slots_per_layer=pair.cache.n_slots, pass_slots=pair.cache.n_pass_slots, inpass=str(pair.engine.inpass),
-                    budget_actual=pair.cache.n_slots / lay.n_expert, slot_bytes=int(pair.cache.slot_bytes),
+                                 if a.inpass and pol == "spac" else a.inpass and pol in ("lru", "spac")),
+                         pass_slots=a.pass_slots, **kw)
+        c = pair.cache
+        # the budget the cache really holds: its slots per layer plus the pass slots' pool
+        info.update(slots_per_layer=c.n_slots, pass_slots=c.n_pass_slots, inpass=str(pair.engine.inpass),
+                    budget_actual=(c.n_slots * len(lay.moe_layers) + c.n_pass_slots) / (lay.n_expert * len(lay.moe_layers)),
+                    slot_bytes=int(c.slot_bytes),
                     policy=pol, hw=a.hw)
         if pol == "static":
             info["calibration"] = Path(calib_path).name
@@ -801,6 +805,9 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-async-inputs", action="store_true",
                     help="run the llama.cpp systems with the patch's asynchronous host-input copies too "
                          "(default: stock llama.cpp's synchronous ones)")
+    ap.add_argument("--pass-slots", type=int, default=None, metavar="N",
+                    help="spac's pass slots (GPU slots a pass uploads misses into beyond the free cache slots; "
+                         "default: what the budget leaves after whole slots per layer, at most 64; 0: none)")
     ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",
                     help="spac: passes of at most ROWS rows read their misses from pinned host memory on the GPU "
                          "(no in-pass upload; 0 off, at most 4)")

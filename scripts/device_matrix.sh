@@ -3,22 +3,28 @@
 # tests), the issue-9 table in one benchmark run (every system incl. adaptive K and the all-GPU reference;
 # ROUTINGS, BUDGETS, ACCEPTANCES override the replayed random and qwen3-calibrated
 # routing, 17 % budget, set acceptance 0.7, bandwidths measured for the rooflines), then FIT=1 runs
-# scripts/device_fit.sh (auto-fit against 12 GiB of free GPU memory).
+# scripts/device_fit.sh (auto-fit against 12 GiB of free GPU memory). BENCH_ARGS adds bench_gpu.py flags
+# (e.g. "--pass-slots 0 --spac-share 0.5").
 #   OUT=... bash scripts/device_matrix.sh        -> $OUT/matrix.json, $OUT/matrix.log, $OUT/fit.txt
 # Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab.
 set -uo pipefail
 OUT=${OUT:-/tmp/matrix}
 mkdir -p "$OUT"
 T0=$(date +%s)
-SKIP_TESTS=$([ "${TESTS:-0}" = 1 ] && echo 0 || echo 1) bash scripts/device_test.sh 2>&1 | tee "$OUT/tests.txt" | tail -4
-export PYTHONPATH=/tmp/site:$PWD
 M=/tmp/spac-bench-full
-[ -f $M/bench-target.gguf ] || python3 scripts/make_bench_model.py --out $M --scale full --vocab .dev/vocab/ggml-vocab-qwen2.gguf | tail -1
+# the bench pair is written during the CUDA build (its own copy of the Python deps: the build's
+# install replaces /tmp/site meanwhile)
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-model .whl/*.whl
+[ -f $M/bench-target.gguf ] || { PYTHONPATH=/tmp/site-model:$PWD python3 scripts/make_bench_model.py --out $M --scale full \
+    --vocab .dev/vocab/ggml-vocab-qwen2.gguf > /tmp/bench-model.log 2>&1 & }
+SKIP_TESTS=$([ "${TESTS:-0}" = 1 ] && echo 0 || echo 1) bash scripts/device_test.sh 2>&1 | tee "$OUT/tests.txt" | tail -4
+wait; tail -1 /tmp/bench-model.log 2>/dev/null
+export PYTHONPATH=/tmp/site:$PWD
 LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) - $([ "${FIT:-1}" = 1 ] && echo "${FIT_S:-110}" || echo 0) ))
 [ "$LEFT" -gt 90 ] || { echo "only $LEFT s left after the build: no benchmark"; exit 1; }
 timeout $(( LEFT - 5 )) python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf \
     --routing ${ROUTINGS:-random,qwen3-calibrated} --budgets ${BUDGETS:-0.17} --acceptances ${ACCEPTANCES:-0.7} --repeats 2 --out "$OUT/matrix.json" \
-    --systems ${SYSTEMS:-llama_ar_gpu,llama_ar_cpu,llama_sd_cpu,sd_lru,spac,spac_ak,spac_ar} --time-limit $(( LEFT - 40 )) > "$OUT/matrix.log" 2>&1
+    --systems ${SYSTEMS:-llama_ar_gpu,llama_ar_cpu,llama_sd_cpu,sd_lru,spac,spac_ak,spac_ar} --time-limit $(( LEFT - 40 )) ${BENCH_ARGS:-} > "$OUT/matrix.log" 2>&1
 echo "bench exit $?"; grep -E "tps=|roofline|GB/s" "$OUT/matrix.log" | tail -14
 [ "${FIT:-1}" = 1 ] && bash scripts/device_fit.sh > "$OUT/fit.txt" 2>&1 && tail -22 "$OUT/fit.txt"
 echo "done in $(( $(date +%s) - T0 )) s"

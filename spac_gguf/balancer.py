@@ -286,7 +286,7 @@ def _loads_for(cached: np.ndarray, res: np.ndarray, resident: np.ndarray, d: np.
 
 def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_expert: int, n_slots: int,
                  miss_rate: float = 1.0, prev: float | None = None, hysteresis: float = 0.15,
-                 reuse: float = 0.0) -> float:
+                 reuse: float = 0.0, pass_slots: int | None = None) -> float:
     """The per-pass split (the fast path that runs before every verify, in microseconds): the share
     of a layer's distinct misses the GPU uploads and computes, the rest going to the CPU meanwhile.
 
@@ -301,11 +301,15 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     (session 4), the serial stop; with ~6.7 misses share 0.5 saves 100-115 us per layer against all
     uploads since the host branch runs beside the slot branch (session 9; share 0.6 saved ~75 in
     session 8).)
-    (Slots the pass's own hits hold cannot take a miss with a host branch: the C side caps the loads
-    at the free slots, so the split only fixes the order of magnitude there.)
+    With a host branch the slots the pass's own hits hold cannot take a miss: a split's uploads go
+    into the n_slots - hits free slots, then into the device's `pass_slots` (the C side stops loading
+    when both are full), so n is capped at their sum; None leaves the cap out (the model as it was
+    fitted, for callers that do not know the pool).
 
-    An upload also leaves the expert in a slot: with probability `reuse` (measured by the engine: the
-    share of a pass's misses that the next pass routes again) it spares the next pass that upload, so
+    An upload into a cache slot also leaves the expert there (one into a pass slot does not, so with
+    `pass_slots` given only the uploads into free slots earn this): with probability `reuse`
+    (measured by the engine: the share of a pass's misses that the next pass routes again) it spares
+    the next pass that upload, so
     each option is priced at its pass time less reuse x its uploads' time (the CPU's work on a miss
     leaves nothing behind). The split point stays where both pipes of this pass finish together:
     beyond it more uploads lengthen the pass by more than they spare later. With
@@ -325,9 +329,14 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     cpu, gpu, copy = hw.expert_costs(rows * k / max(distinct, 1.0), expert_bytes)
     up = copy - gpu                                                       # the upload alone
     r = min(max(float(reuse), 0.0), 0.95)
-    n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))
+    n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))   # both pipes finish together
+    kept = n                                                  # uploads that stay in a cache slot
+    if pass_slots is not None:
+        free = max(0.0, n_slots - distinct * (1.0 - miss_rate))  # slots the pass's hits do not hold
+        n = min(n, free + max(int(pass_slots), 0))
+        kept = min(n, free)
     t_split = (hw.stop_s + max(n * up, hw.host_branch_s + (m - n) * cpu)
-               - r * n * up)                                               # less the uploads it spares later
+               - r * kept * up)                                            # less the uploads it spares later
     chunks = math.ceil(rows / max(1, n_slots // max(k, 1)))
     t_gpu = m * up * (1.0 - r) + (chunks - 1) * hw.stop_s
     if prev is None:

@@ -154,9 +154,11 @@ class ModelPair:
                  budget: str | None = None, hw: str | None = None, calibration: str | Path | None = None,
                  draft_max: int = DEFAULT_DRAFT_MAX, slots_on_host: bool | None = None,
                  cpu_expert_layers: tuple[int, ...] | None = None, pinned_experts: bool | None = None,
-                 inpass: "bool | InPass | None" = None, fit_cache: bool = False):
+                 inpass: "bool | InPass | None" = None, fit_cache: bool = False, pass_slots: int | None = None):
         """fit_cache: cache_slots is auto-fit's estimate; once the models and contexts are loaded the
-        cache takes what the GPU really has free (autofit.slots_after_load)."""
+        cache takes what the GPU really has free (autofit.slots_after_load). pass_slots: GPU slots a
+        verify pass uploads misses into beyond the free cache slots, for that pass only (None: what a
+        --budget leaves after whole slots per layer, at most PASS_SLOTS_MAX, for spac; 0: none)."""
         self.notices: list[str] = []                    # what changed of the request, said once (the CLI prints these)
         self.target_path, self.draft_path = str(target), (str(draft) if draft else None)
         self.layout = _describe(target, "target")
@@ -201,7 +203,8 @@ class ModelPair:
             if cache_slots == 0:                        # no room after all: experts on the CPU, no cache
                 self.policy_name = "none"
             else:
-                self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max, on_host, inpass)
+                self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max, on_host, inpass,
+                                   pass_slots)
         self.verifier = TargetVerifier(self.target_ctx, self.routing, self.engine)
         # one caller at a time: a generation owns both KV caches and the expert cache until it ends
         self._busy = threading.Lock()
@@ -231,18 +234,19 @@ class ModelPair:
                                 f"({slots / lay.n_expert:.0%}), the plan said {planned}")
         return slots
 
-    def _cache_too_big(self, cache_slots: int) -> str:
+    def _cache_too_big(self, cache_slots: int, pass_slots: int = 0) -> str:
         """The one line for a cache the GPU could not allocate: its size against the free memory."""
         from .autofit import device_memory
         lay = self.layout
-        need = (cache_slots + 1) * lay.bytes_per_expert * len(lay.moe_layers)   # + the all-zero slot
+        # + the all-zero slot per layer, + the pass slots (one pool on a single GPU)
+        need = ((cache_slots + 1) * len(lay.moe_layers) + pass_slots) * lay.bytes_per_expert
         mem = device_memory()
         free = f" of the {mem.free / 2**30:.2f} GiB the GPU has free now" if mem else ""
         return (f"expert cache: {cache_slots} slots per layer need {need / 2**30:.2f} GiB, more than the GPU could "
                 f"allocate{free}; lower --budget or --cache-slots, or leave both out (auto-fit sizes the cache)")
 
     def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool,
-                      inpass: "bool | InPass | None"):
+                      inpass: "bool | InPass | None", pass_slots: int | None = None):
         """Expert cache + policy + asynchronous engine on the target context."""
         from .balancer import InfeasibleBudget, inpass_share, slots_for_budget
         from .cache import ExpertCache
@@ -257,7 +261,7 @@ class ModelPair:
         if policy not in NAMES or policy == "oracle":
             raise InputError(f"unknown policy {policy!r} for run (use none, static, lru, lfu or spac)")
         lay = self.layout
-        pass_slots = 0
+        remainder = 0                                    # what a budget leaves after whole slots per layer
         if cache_slots is None:
             if budget is None:
                 raise InputError("a cache needs --cache-slots N or --budget SIZE")
@@ -266,13 +270,13 @@ class ModelPair:
                 cache_slots = slots_for_budget(nbytes, lay.bytes_per_expert, len(lay.moe_layers), lay.n_expert)
             except InfeasibleBudget as e:
                 raise InputError(str(e)) from None
-            # what the budget has left after whole slots per layer buys pass slots (a verify pass's
-            # misses beyond the free slots go there with a host branch: the split, spac's policy)
-            if policy == "spac" and not on_host:
-                left = nbytes - cache_slots * len(lay.moe_layers) * lay.bytes_per_expert
-                pass_slots = int(min(max(left, 0) // lay.bytes_per_expert, PASS_SLOTS_MAX))
+            remainder = nbytes - cache_slots * len(lay.moe_layers) * lay.bytes_per_expert
         if not 1 <= cache_slots <= lay.n_expert:
             raise InputError(f"--cache-slots must be in 1..{lay.n_expert} (got {cache_slots})")
+        if pass_slots is not None and pass_slots < 0:
+            raise InputError(f"pass slots must be >= 0 (got {pass_slots})")
+        pass_slots = pass_slots_for(policy, on_host, cache_slots, lay.n_expert, lay.bytes_per_expert, remainder,
+                                    pass_slots)
         try:
             profile = load_profile(hw or "desktop-pcie4x16")
         except (KeyError, ValueError, FileNotFoundError) as e:
@@ -281,11 +285,21 @@ class ModelPair:
         if policy == "static" and calib is None:
             raise InputError("--policy static needs --calibration TRACE (record one with --trace)")
         try:
-            with errors_worded_by_caller():                 # ggml's out-of-memory lines: ours says it in one
-                self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host, pass_slots=pass_slots)
+            try:
+                with errors_worded_by_caller():             # ggml's out-of-memory lines: ours says it in one
+                    self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host, pass_slots=pass_slots)
+            except native.NativeError as e:
+                if e.code != native.ERR_ALLOC or not pass_slots:
+                    raise
+                # the pool is an extra: without it the cache still works (misses beyond the slots on the CPU)
+                self.notices.append(f"expert cache: no room for {pass_slots} pass slots beside the cache; "
+                                    "running without them")
+                pass_slots = 0
+                with errors_worded_by_caller():
+                    self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host)
         except native.NativeError as e:
             if e.code == native.ERR_ALLOC and not on_host:   # the GPU is short of memory
-                raise InputError(self._cache_too_big(cache_slots)) from None
+                raise InputError(self._cache_too_big(cache_slots, pass_slots)) from None
             raise InputError(f"expert cache: {e}") from None
         pol = make_policy(policy, self.cache.n_layers, self.cache.n_expert, self.cache.expert_bytes,
                           hw=profile, calibration=calib)
@@ -304,7 +318,8 @@ class ModelPair:
         ip = inpass or None
         c = self.cache
         def split(rows: int, miss_rate: float, prev: float | None = None, reuse: float = 0.0) -> float:
-            return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate, prev, reuse=reuse)
+            return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate, prev, reuse=reuse,
+                                pass_slots=c.n_pass_slots)
         self._profile = profile
         self.engine = Engine(c, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
                              plan_every=4 if ip is not None and policy == "spac" else 1, split=split)
@@ -427,6 +442,18 @@ class ModelPair:
                     obj.close()
         finally:
             self._busy.release()
+
+
+def pass_slots_for(policy: str, on_host: bool, cache_slots: int, n_expert: int, bytes_per_expert: int,
+                   remainder: int, asked: int | None) -> int:
+    """Pass slots for a cache: `asked` where given, else what a budget's remainder buys (at most
+    PASS_SLOTS_MAX); none for host slots (nothing to upload), for a policy without the per-pass split
+    (only spac splits a pass's misses) or when every expert has a slot (no pass misses one)."""
+    if on_host or policy != "spac" or cache_slots >= n_expert:
+        return 0
+    if asked is not None:
+        return int(asked)
+    return int(min(max(remainder, 0) // bytes_per_expert, PASS_SLOTS_MAX))
 
 
 def load(target: str | Path, draft: str | Path | None = None, **kw) -> ModelPair:

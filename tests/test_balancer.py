@@ -183,6 +183,42 @@ def test_uploads_that_are_reused_are_cheaper(rows, miss_rate, reuse):
     assert shares == sorted(shares)
 
 
+@pytest.mark.parametrize("rows,miss_rate,reuse,pass_slots", [(6, 0.83, 0.0, 0), (6, 0.83, 0.0, 6), (6, 0.83, 0.0, 64),
+                                                              (6, 0.5, 0.45, 0), (6, 0.5, 0.45, 64), (6, 0.5, 0.6, 64),
+                                                              (1, 0.9, 0.3, 0)])
+def test_a_splits_uploads_are_capped_by_the_free_slots_and_the_pass_slots(rows, miss_rate, reuse, pass_slots):
+    """With a host branch a split uploads into the slots its pass's hits leave free, then into the
+    pass slots: the share is the brute-force best over n in [0, min(m, free + pass slots)], and only
+    the uploads into free slots are credited with reuse (a pass slot keeps nothing). More pass slots
+    never lower the share; without the cap (None) the share is the uncapped model's."""
+    from spac_gguf.balancer import inpass_share
+    hw = HardwareProfile("t", link_gbps=42.0, cpu_expert_gbps=45.0, cpu_s_per_expert_token=1e-6,
+                         gpu_s_per_expert_token=2e-7, gpu_pass_s=0.006, draft_s_per_token=0.002, host_branch_s=2.5e-4,
+                         stop_s=7e-5)
+    B, k, E, S = 2_654_208, 8, 128, 21
+    s = inpass_share(hw, B, rows, k, E, S, miss_rate, reuse=reuse, pass_slots=pass_slots)
+    distinct = E * (1 - (1 - k / E) ** rows)
+    m = distinct * miss_rate
+    free = S - distinct * (1 - miss_rate)
+    up = B / 42e9
+    cpu = B / 45e9 + rows * k / distinct * 1e-6
+    grid = np.linspace(0.0, min(m, free + pass_slots), 20001)
+    cost = lambda n: 7e-5 + np.maximum(n * up, 2.5e-4 + (m - n) * cpu) - reuse * np.minimum(n, free) * up  # noqa: E731
+    best_split = float(cost(grid).min())
+    chunks = -(-rows // (S // k))
+    if m * up * (1 - reuse) + (chunks - 1) * 7e-5 <= best_split:
+        assert s == 1.0
+    else:
+        assert s < 1.0 and s * m <= free + pass_slots + 1e-9
+        assert float(cost(s * m)) <= best_split + 1e-3 * abs(best_split)
+    # more pass slots only make a split cheaper: once it beats all-GPU it stays, its share never falls
+    shares = [inpass_share(hw, B, rows, k, E, S, miss_rate, reuse=reuse, pass_slots=p) for p in (0, 2, 8, 64)]
+    splits = [x for x in shares if x < 1.0]
+    assert splits == sorted(splits) and shares[len(shares) - len(splits):] == splits, shares
+    if reuse == 0.0:                       # no credit to split: a pool without bound is the uncapped model
+        assert inpass_share(hw, B, rows, k, E, S, miss_rate, pass_slots=10**6) == inpass_share(hw, B, rows, k, E, S, miss_rate)
+
+
 def test_row_chunks_make_all_on_the_gpu_dearer():
     """A verify pass whose experts exceed the slots runs all-GPU in row chunks, a stop each: with few
     misses per layer (locality) the upload alone is cheaper than a split (which pays one stop), the
@@ -240,3 +276,24 @@ def test_the_h200_profile_reproduces_the_measured_split_choices():
     assert inpass_share(hw, B, 1, k, E, S, 0.23, reuse=0.45) == 1.0
     no_stop = dataclasses.replace(hw, stop_s=0.0)
     assert inpass_share(no_stop, B, 1, k, E, S, 0.23, reuse=0.45) < 1.0
+
+
+def test_a_budgets_remainder_buys_pass_slots_only_for_spac_on_the_gpu():
+    """spac's pass slots take what a budget leaves after whole slots per layer: slots x layers + pass
+    slots never exceed the budget, one more pass slot would (below the cap), none for host slots, other
+    policies or a cache that holds every expert; an explicit count wins."""
+    from spac_gguf.pair import PASS_SLOTS_MAX, pass_slots_for
+    n_layers, n_expert = 48, 128
+    for budget in (100 * B + 7, 130 * B, 48 * 20 * B + 33 * B, 48 * 20 * B + 500 * B):
+        S = slots_for_budget(budget, B, n_layers, n_expert)
+        rem = budget - S * n_layers * B
+        P = pass_slots_for("spac", False, S, n_expert, B, rem, None)
+        assert S * n_layers * B + P * B <= budget
+        assert P == PASS_SLOTS_MAX or S * n_layers * B + (P + 1) * B > budget
+        assert P <= PASS_SLOTS_MAX
+    assert pass_slots_for("spac", False, 2, n_expert, B, 40 * B, None) == 40
+    assert pass_slots_for("lru", False, 2, n_expert, B, 40 * B, None) == 0
+    assert pass_slots_for("spac", True, 2, n_expert, B, 40 * B, None) == 0
+    assert pass_slots_for("spac", False, n_expert, n_expert, B, 40 * B, None) == 0
+    assert pass_slots_for("spac", False, 2, n_expert, B, 40 * B, 3) == 3
+    assert pass_slots_for("spac", False, 2, n_expert, B, 40 * B, 0) == 0
