@@ -158,7 +158,8 @@ class ModelPair:
         """fit_cache: cache_slots is auto-fit's estimate; once the models and contexts are loaded the
         cache takes what the GPU really has free (autofit.slots_after_load). pass_slots: GPU slots a
         verify pass uploads misses into beyond the free cache slots, for that pass only (None: what a
-        --budget leaves after whole slots per layer, at most PASS_SLOTS_MAX, for spac; 0: none)."""
+        --budget or auto-fit's free memory leaves after whole slots per layer, at most PASS_SLOTS_MAX,
+        for spac; 0: none)."""
         self.notices: list[str] = []                    # what changed of the request, said once (the CLI prints these)
         self.target_path, self.draft_path = str(target), (str(draft) if draft else None)
         self.layout = _describe(target, "target")
@@ -196,6 +197,7 @@ class ModelPair:
         self.draft_ctx = LlamaContext(self.draft, n_ctx=n_ctx, n_threads=n_threads) if self.draft else None
         self.cache, self.engine, self.policy_name = None, None, policy
         self._profile = None                             # the hardware profile the engine prices with
+        self._fit_remainder = 0                          # GPU bytes auto-fit leaves after whole slots per layer
         if wants_cache:
             on_host = slots_on_host if slots_on_host is not None else n_gpu_layers == 0
             if fit_cache and cache_slots and not on_host:
@@ -218,13 +220,15 @@ class ModelPair:
         self.last_stats: Stats | None = None
 
     def _slots_from_free_memory(self, planned: int) -> int:
-        """The cache for the GPU memory left after loading (the plan's estimate where none is measured)."""
-        from .autofit import device_memory, slots_after_load
+        """The cache for the GPU memory left after loading (the plan's estimate where none is measured);
+        what whole slots per layer leave of it goes to pass slots (self._fit_remainder, bytes)."""
+        from .autofit import device_memory, room_after_slots, slots_after_load
         mem = device_memory()
         if mem is None or mem.pretend:                  # no GPU, or a pretended one: the plan
             return planned
         lay = self.layout
         slots = slots_after_load(mem.free, lay.bytes_per_expert, len(lay.moe_layers), lay.n_expert)
+        self._fit_remainder = room_after_slots(mem.free, lay.bytes_per_expert, len(lay.moe_layers), slots)
         if slots < 1:
             self.notices.append(f"auto-fit: {mem.free / 2**30:.2f} GiB free after loading: no room for an expert "
                                 "cache, the CPU computes the experts")
@@ -261,7 +265,7 @@ class ModelPair:
         if policy not in NAMES or policy == "oracle":
             raise InputError(f"unknown policy {policy!r} for run (use none, static, lru, lfu or spac)")
         lay = self.layout
-        remainder = 0                                    # what a budget leaves after whole slots per layer
+        remainder = self._fit_remainder                  # what a budget or auto-fit leaves after whole slots per layer
         if cache_slots is None:
             if budget is None:
                 raise InputError("a cache needs --cache-slots N or --budget SIZE")

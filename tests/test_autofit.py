@@ -65,6 +65,9 @@ def test_cache_after_loading_takes_the_measured_free_memory():
         margin = max(384 * MiB, free // 25)
         if s:
             assert (s + 1) * row + margin <= free < (s + 2) * row + margin
+            # what is left for pass slots: less than one more slot per layer, everything the slots leave
+            room = autofit.room_after_slots(free, B, n_moe, s)
+            assert 0 <= room < row and (s + 1) * row + margin + room == free
         else:
             assert 2 * row + margin > free
     assert 65 <= autofit.slots_after_load(int(8.61 * (1 << 30)), B, n_moe, E) <= 70
