@@ -171,8 +171,9 @@ def slots_after_load(free: int, bytes_per_expert: int, n_moe_layers: int, n_expe
 
 def room_after_slots(free: int, bytes_per_expert: int, n_moe_layers: int, slots: int,
                      margin: int | None = None) -> int:
-    """Bytes of `free` left after the margin and `slots` per layer with each layer's zero slot (less
-    than one slot per layer when `slots` is slots_after_load's answer): what pass slots may take."""
+    """Bytes of `free` left after the margin and `slots` per layer with each layer's zero slot: what
+    pass slots may take (less than one slot per layer when `slots` is slots_after_load's answer below
+    its cap of n_expert - 1; more at the cap)."""
     if margin is None:
         margin = max(384 * MiB, free // 25)
     return max(0, free - margin - (slots + 1) * n_moe_layers * bytes_per_expert)

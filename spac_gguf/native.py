@@ -10,7 +10,7 @@ import numpy as np
 import llama_cpp.llama_cpp as llc
 
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
-API_VERSION = 7  # LLAMA_MOE_API_VERSION this package was written against
+API_VERSION = 8  # LLAMA_MOE_API_VERSION this package was written against
 SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_MAPPED = 0, 1, 2, 3   # llama_moe_slot_state
 ERR_ALLOC = -8                                                   # LLAMA_MOE_ERR_ALLOC
 
@@ -34,7 +34,7 @@ class NativeError(RuntimeError):
 
 class LayerInfo(ctypes.Structure):
     _fields_ = [("n_expert", ctypes.c_int32), ("n_expert_used", ctypes.c_int32), ("n_slots", ctypes.c_int32),
-                ("cacheable", ctypes.c_int32), ("expert_bytes", ctypes.c_uint64 * 3)]
+                ("cacheable", ctypes.c_int32), ("expert_bytes", ctypes.c_uint64 * 3), ("n_pass_slots", ctypes.c_int32)]
 
 
 class CacheParams(ctypes.Structure):

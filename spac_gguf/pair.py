@@ -238,12 +238,12 @@ class ModelPair:
                                 f"({slots / lay.n_expert:.0%}), the plan said {planned}")
         return slots
 
-    def _cache_too_big(self, cache_slots: int, pass_slots: int = 0) -> str:
-        """The one line for a cache the GPU could not allocate: its size against the free memory."""
+    def _cache_too_big(self, cache_slots: int) -> str:
+        """The one line for a cache the GPU could not allocate (without pass slots, already dropped):
+        its size against the free memory."""
         from .autofit import device_memory
         lay = self.layout
-        # + the all-zero slot per layer, + the pass slots (one pool on a single GPU)
-        need = ((cache_slots + 1) * len(lay.moe_layers) + pass_slots) * lay.bytes_per_expert
+        need = (cache_slots + 1) * lay.bytes_per_expert * len(lay.moe_layers)   # + the all-zero slot
         mem = device_memory()
         free = f" of the {mem.free / 2**30:.2f} GiB the GPU has free now" if mem else ""
         return (f"expert cache: {cache_slots} slots per layer need {need / 2**30:.2f} GiB, more than the GPU could "
@@ -296,14 +296,13 @@ class ModelPair:
                 if e.code != native.ERR_ALLOC or not pass_slots:
                     raise
                 # the pool is an extra: without it the cache still works (misses beyond the slots on the CPU)
-                self.notices.append(f"expert cache: no room for {pass_slots} pass slots beside the cache; "
-                                    "running without them")
-                pass_slots = 0
                 with errors_worded_by_caller():
                     self.cache = ExpertCache(self.target_ctx.ptr, cache_slots, on_host=on_host)
+                self.notices.append(f"expert cache: no room for {pass_slots} pass slots beside the cache; "
+                                    "running without them")
         except native.NativeError as e:
             if e.code == native.ERR_ALLOC and not on_host:   # the GPU is short of memory
-                raise InputError(self._cache_too_big(cache_slots, pass_slots)) from None
+                raise InputError(self._cache_too_big(cache_slots)) from None
             raise InputError(f"expert cache: {e}") from None
         pol = make_policy(policy, self.cache.n_layers, self.cache.n_expert, self.cache.expert_bytes,
                           hw=profile, calibration=calib)

@@ -358,7 +358,10 @@ def test_pass_slots_take_misses_beyond_the_free_slots_exactly(model, threads):
     misses its share allows beyond the free slots into the device's pool and computes them there: the
     logits stay bit-identical to the uncached context, the host computes fewer (row, expert) pairs
     than the same passes without pass slots, and a pass that fits the slots (one row) takes none.
-    Unquantized experts get no pool (the device's per-row kernels skip id -1 only for quantized ones)."""
+    Unquantized experts get no pool (the device's per-row kernels skip id -1 only for quantized ones),
+    and the cache reports the pool it got. A graph built with the pass branch is reused for the same
+    row count, but not once in-pass loads are off (no third branch then)."""
+    import llama_cpp
     m, lay = model
     k = lay.n_expert_used
     pooled = not any(q in ("F16", "BF16", "F32") for qs in lay.expert_qtypes.values() for q in qs)
@@ -370,16 +373,22 @@ def test_pass_slots_take_misses_beyond_the_free_slots_exactly(model, threads):
     chunks = [[int(t) for t in rng.integers(100, 1000, 2 + (step // 2) % 3)] for step in range(8)]
     want += [ref.decode(c, "all") for c in chunks]
     want_one = ref.decode(toks[:1], "all")
+    extra = [[int(t) for t in rng.integers(100, 1000, 3)] for _ in range(2)]
+    want_extra = [ref.decode(c, "all") for c in extra]
+    reused = lambda c: llama_cpp.llama_perf_context(c.ptr).n_reused   # noqa: E731
     host = {}
     for n_pass in (0, 2 * k):
         ctx = LlamaContext(m, n_ctx=256, n_threads=threads)
         cache = ExpertCache(ctx.ptr, n_slots=k, on_host=True, pass_slots=n_pass)
+        assert cache.n_pass_slots == (n_pass if pooled else 0)
         prio = np.random.default_rng(5).random((cache.n_layers, cache.n_expert)).astype(np.float32)
         cache.set_inpass(0.999, 1 << 20, prio, 0.0)   # a host branch; a miss evicts only lower priority
         assert np.array_equal(want[0], ctx.decode(toks, "all"))
+        r0 = reused(ctx)
         for step, c in enumerate(chunks):
             assert np.array_equal(want[step + 1], ctx.decode(c, "all")), (n_pass, step)
             cache.sync()
+        assert reused(ctx) > r0                          # equal row counts in a row: graphs reused
         n = cache.counters()
         host[n_pass] = n["host_pairs"]
         if n_pass == 0 or not pooled:
@@ -389,6 +398,12 @@ def test_pass_slots_take_misses_beyond_the_free_slots_exactly(model, threads):
             before = n["pass_loads"]
             assert np.array_equal(want_one, ctx.decode(toks[:1], "all"))   # k pairs fit the k slots:
             assert cache.counters()["pass_loads"] == before                # no pass slots
+            assert np.array_equal(want_extra[0], ctx.decode(extra[0], "all"))
+            assert cache.counters()["pass_loads"] > before
+            cache.set_inpass(0.999, 0, prio, 0.0)        # in-pass loads off: no third branch, a new graph
+            r1 = reused(ctx)
+            assert np.array_equal(want_extra[1], ctx.decode(extra[1], "all"))
+            assert reused(ctx) == r1
         del cache, ctx
     assert (host[2 * k] < host[0]) if pooled else (host[2 * k] == host[0]), host
 
