@@ -150,6 +150,7 @@ def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files, on_host, cop
     m_gpu = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=False))
     ref, ref_gpu, ctx = (LlamaContext(x, n_ctx=128) for x in (m, m_gpu, m))
     cache = ExpertCache(ctx.ptr, n_slots=4, on_host=on_host, pass_slots=pass_slots)
+    assert cache.n_pass_slots == pass_slots          # the pool made on CUDA (quantized experts)
     rng = np.random.default_rng(5)
     toks = m.tokenize(PROMPTS[1])
     a, g, b = ref.decode(toks, "all"), ref_gpu.decode(toks, "all"), ctx.decode(toks, "all")
