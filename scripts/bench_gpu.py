@@ -362,8 +362,9 @@ def layers_for_budget(budget: float, n_moe: int) -> int:
 
 
 # The patch's scheduler copies a split's inputs from host memory without a wait on the host (ggml-backend.cpp,
-# `host_input_events`); stock llama.cpp waits for each. The llama.cpp systems stand for stock llama.cpp, so
-# they run with the stock behaviour (GGML_SCHED_SYNC_HOST_INPUTS=1) unless --baseline-async-inputs; each
+# `host_input_events`), and syncs an eval callback's ranges and input-less splits only where needed; stock
+# llama.cpp waits each time. The llama.cpp systems stand for stock llama.cpp, so they run with the stock
+# scheduler (GGML_SCHED_SYNC_HOST_INPUTS=1 restores all of it) unless --baseline-async-inputs; each
 # row's config says which it ran with. llama.cpp reads the variable whenever it makes a context's
 # scheduler, which it does again at every reserve (routing export, replay and cache changes ask for
 # one), so it is set for the pair's whole life, not only its load.

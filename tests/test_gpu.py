@@ -176,7 +176,8 @@ def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files, on_host, cop
 def test_host_inputs_copied_without_a_wait_give_the_same_logits(files, monkeypatch):
     """The patch's scheduler queues a split's inputs from host memory (the CPU experts' results, the
     user's inputs) on the GPU's stream without a host wait; stock llama.cpp waits for each
-    (GGML_SCHED_SYNC_HOST_INPUTS=1, read whenever a scheduler is made). Experts on the CPU, a prompt
+    (GGML_SCHED_SYNC_HOST_INPUTS=1, read whenever a scheduler is made, restores the stock scheduler
+    whole: also its sync after every eval-callback range and before input-less splits). Experts on the CPU, a prompt
     in several decodes and single rows after it, and the same with a cache and a host branch: logits
     bit-identical either way, the same copies in another order of waiting."""
     target, _ = files
