@@ -297,3 +297,63 @@ def test_a_budgets_remainder_buys_pass_slots_only_for_spac_on_the_gpu():
     assert pass_slots_for("spac", False, n_expert, n_expert, B, 40 * B, None) == 0
     assert pass_slots_for("spac", False, 2, n_expert, B, 40 * B, 3) == 3
     assert pass_slots_for("spac", False, 2, n_expert, B, 40 * B, 0) == 0
+
+
+def _split_lp(hw, B, rows, k, E, S, miss_rate, reuse, pass_slots):
+    """The per-layer split as a HiGHS LP (the offline check of inpass_share's closed form): n1 uploads
+    into free slots (credited with reuse), n2 into pass slots, T at least either pipe:
+        min T − reuse·up·n1   s.t.  T ≥ stop + up·(n1 + n2),  T ≥ stop + c0 + cpu·(m − n1 − n2),
+        0 ≤ n1 ≤ free, 0 ≤ n2 ≤ pass_slots, n1 + n2 ≤ m.       Returns (n1 + n2, objective)."""
+    import highspy
+    distinct = E * (1 - (1 - k / E) ** rows)
+    m = distinct * miss_rate
+    free = max(0.0, S - distinct * (1 - miss_rate))
+    cpu, gpu, copy = hw.expert_costs(rows * k / distinct, B)
+    up = copy - gpu
+    inf = highspy.kHighsInf
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = 3, 3                                   # T, n1, n2
+    lp.col_cost_ = np.array([1.0, -reuse * up, 0.0])
+    lp.col_lower_ = np.array([-inf, 0.0, 0.0])
+    lp.col_upper_ = np.array([inf, free, float(pass_slots)])
+    # rows: T − up n1 − up n2 ≥ stop;  T + cpu n1 + cpu n2 ≥ stop + c0 + cpu m;  n1 + n2 ≤ m
+    A = np.array([[1.0, -up, -up], [1.0, cpu, cpu], [0.0, 1.0, 1.0]])
+    lp.row_lower_ = np.array([hw.stop_s, hw.stop_s + hw.host_branch_s + cpu * m, -inf])
+    lp.row_upper_ = np.array([inf, inf, m])
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.array([0, 2, 5, 8], np.int32)
+    lp.a_matrix_.index_ = np.array([0, 1, 0, 1, 2, 0, 1, 2], np.int32)
+    lp.a_matrix_.value_ = np.array([A[0, 0], A[1, 0], A[0, 1], A[1, 1], A[2, 1], A[0, 2], A[1, 2], A[2, 2]])
+    h.passModel(lp)
+    h.run()
+    assert h.getModelStatus() == highspy.HighsModelStatus.kOptimal
+    x = h.getSolution().col_value
+    return x[1] + x[2], h.getInfo().objective_function_value
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("miss_rate", [0.3, 0.83, 1.0])
+@pytest.mark.parametrize("reuse", [0.0, 0.45])
+@pytest.mark.parametrize("pass_slots", [0, 4, 64])
+def test_highs_checks_the_fast_split(rows, miss_rate, reuse, pass_slots):
+    """The split that runs before every verify pass is a closed form (microseconds); the same model
+    as a HiGHS LP, solved offline here, must find the same uploads where the closed form splits, and
+    a split no cheaper than all-GPU where it chooses all-GPU (the H200 profile's costs)."""
+    from spac_gguf.balancer import inpass_share
+    from spac_gguf.hardware import load_profile
+    hw = load_profile("h200-pcie5")
+    B, k, E, S = 2_654_208, 8, 128, 21
+    s = inpass_share(hw, B, rows, k, E, S, miss_rate, reuse=reuse, pass_slots=pass_slots)
+    n_lp, t_lp = _split_lp(hw, B, rows, k, E, S, miss_rate, reuse, pass_slots)
+    distinct = E * (1 - (1 - k / E) ** rows)
+    m = distinct * miss_rate
+    _, gpu, copy = hw.expert_costs(rows * k / distinct, B)
+    chunks = -(-rows // (S // k))
+    t_gpu = m * (copy - gpu) * (1 - reuse) + (chunks - 1) * hw.stop_s
+    if s < 1.0:
+        assert s * m == pytest.approx(n_lp, rel=1e-6, abs=1e-6)
+        assert t_lp < t_gpu
+    else:
+        assert t_gpu <= t_lp * (1 + 1e-9)
