@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network): build the CUDA variant of our patched llama.cpp and run the GPU
-# tests. Prepare here first:
-#   python scripts/pack_llama_src.py                 # .dev/llama-src.tar.xz (patched, trimmed)
-#   python scripts/build_llama.py --no-install       # the cpu wheel: its Python package is reused
-#   cp ~/.cache/spac-gguf/wheels/<key>/*.whl .whl/   # plus the Python deps as wheels (README of device)
-# then run with .dev and .whl carried:  bash scripts/device_test.sh [pytest args]
+# tests. Prepare here first: bash scripts/device_prep.sh (.dev: the patched source packed, the vocab
+# GGUFs; .whl: our cpu wheel, whose Python package is reused, and the deps the device lacks), then run
+# with .dev and .whl carried:  bash scripts/device_test.sh [pytest args]
 set -euo pipefail
 ROOT=$(pwd)
 DEV=$ROOT/.dev/cuda
