@@ -397,6 +397,7 @@ def host_inputs_for(system: str, a: argparse.Namespace):
 
 
 def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, calib_path: str | None):
+    """(pair, probe, info) for one system at one budget; a system that cannot load raises."""
     kw = dict(n_gpu_layers=a.ngl, n_ctx=a.n_ctx, n_threads=a.threads, pinned_experts=a.pinned)
     base_routing = "native" if native.available() else "off"
     draft = a.draft if system in SD_SYSTEMS else None

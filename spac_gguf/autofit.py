@@ -165,8 +165,13 @@ def slots_after_load(free: int, bytes_per_expert: int, n_moe_layers: int, n_expe
     384 MiB or 4 %. Measured on the H200 (12 GiB free before loading, the 18 GB benchmark pair):
     8.61 GiB left after loading, 70 slots ran, 128 did not fit."""
     if margin is None:
-        margin = max(384 * MiB, free // 25)
+        margin = _after_load_margin(free)
     return max(0, _slots_in(max(0, free - margin), n_moe_layers * bytes_per_expert, n_expert))
+
+
+def _after_load_margin(free: int) -> int:
+    """What stays free after the cache: 384 MiB or 4 % (slots_after_load says why)."""
+    return max(384 * MiB, free // 25)
 
 
 def room_after_slots(free: int, bytes_per_expert: int, n_moe_layers: int, slots: int,
@@ -175,5 +180,5 @@ def room_after_slots(free: int, bytes_per_expert: int, n_moe_layers: int, slots:
     pass slots may take (less than one slot per layer when `slots` is slots_after_load's answer below
     its cap of n_expert - 1; more at the cap)."""
     if margin is None:
-        margin = max(384 * MiB, free // 25)
+        margin = _after_load_margin(free)
     return max(0, free - margin - (slots + 1) * n_moe_layers * bytes_per_expert)

@@ -40,9 +40,8 @@ class ExpertCache:
         infos = [native.layer_info(ctx_ptr, il) for il in range(self.n_layers)]
         self.cached_layers = np.array([i.n_slots > 0 for i in infos])
         # the pool the C side made, not the one asked for: none for unquantized experts or a device
-        # whose kernels may read id -1; per layer, since layers of another shape have none
-        self.layer_pass_slots = np.array([i.n_pass_slots for i in infos], np.int32)
-        self.n_pass_slots = int(self.layer_pass_slots.max(initial=0))
+        # whose kernels may read id -1 (layers of another shape than the pooled ones have none)
+        self.n_pass_slots = max((i.n_pass_slots for i in infos), default=0)
         self.slot_bytes = int(native.api.cache_bytes(ctx_ptr))
         L, S = self.n_layers, n_slots
         self.slot_expert = np.full((L, S), -1, np.int32)

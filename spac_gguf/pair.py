@@ -197,16 +197,16 @@ class ModelPair:
         self.draft_ctx = LlamaContext(self.draft, n_ctx=n_ctx, n_threads=n_threads) if self.draft else None
         self.cache, self.engine, self.policy_name = None, None, policy
         self._profile = None                             # the hardware profile the engine prices with
-        self._fit_remainder = 0                          # GPU bytes auto-fit leaves after whole slots per layer
         if wants_cache:
             on_host = slots_on_host if slots_on_host is not None else n_gpu_layers == 0
+            fit_remainder = 0                           # GPU bytes auto-fit leaves after whole slots per layer
             if fit_cache and cache_slots and not on_host:
-                cache_slots = self._slots_from_free_memory(cache_slots)
+                cache_slots, fit_remainder = self._slots_from_free_memory(cache_slots)
             if cache_slots == 0:                        # no room after all: experts on the CPU, no cache
                 self.policy_name = "none"
             else:
                 self._start_engine(policy, cache_slots, budget, hw, calibration, draft_max, on_host, inpass,
-                                   pass_slots)
+                                   pass_slots, fit_remainder)
         self.verifier = TargetVerifier(self.target_ctx, self.routing, self.engine)
         # one caller at a time: a generation owns both KV caches and the expert cache until it ends
         self._busy = threading.Lock()
@@ -219,24 +219,23 @@ class ModelPair:
         self.catch_up = CatchUp()                        # the draft's two-token catch-up, by measurement
         self.last_stats: Stats | None = None
 
-    def _slots_from_free_memory(self, planned: int) -> int:
-        """The cache for the GPU memory left after loading (the plan's estimate where none is measured);
-        what whole slots per layer leave of it goes to pass slots (self._fit_remainder, bytes)."""
+    def _slots_from_free_memory(self, planned: int) -> tuple[int, int]:
+        """(slots per layer, bytes left beyond them) for the GPU memory left after loading (the plan's
+        estimate and nothing left where none is measured); the bytes left go to pass slots."""
         from .autofit import device_memory, room_after_slots, slots_after_load
         mem = device_memory()
         if mem is None or mem.pretend:                  # no GPU, or a pretended one: the plan
-            return planned
+            return planned, 0
         lay = self.layout
         slots = slots_after_load(mem.free, lay.bytes_per_expert, len(lay.moe_layers), lay.n_expert)
-        self._fit_remainder = room_after_slots(mem.free, lay.bytes_per_expert, len(lay.moe_layers), slots)
         if slots < 1:
             self.notices.append(f"auto-fit: {mem.free / 2**30:.2f} GiB free after loading: no room for an expert "
                                 "cache, the CPU computes the experts")
-            return 0
+            return 0, 0
         if slots != planned:
             self.notices.append(f"auto-fit: {mem.free / 2**30:.2f} GiB free after loading: {slots} slots per layer "
                                 f"({slots / lay.n_expert:.0%}), the plan said {planned}")
-        return slots
+        return slots, room_after_slots(mem.free, lay.bytes_per_expert, len(lay.moe_layers), slots)
 
     def _cache_too_big(self, cache_slots: int) -> str:
         """The one line for a cache the GPU could not allocate (without pass slots, already dropped):
@@ -250,7 +249,7 @@ class ModelPair:
                 f"allocate{free}; lower --budget or --cache-slots, or leave both out (auto-fit sizes the cache)")
 
     def _start_engine(self, policy: str, cache_slots, budget, hw, calibration, draft_max: int, on_host: bool,
-                      inpass: "bool | InPass | None", pass_slots: int | None = None):
+                      inpass: "bool | InPass | None", pass_slots: int | None = None, fit_remainder: int = 0):
         """Expert cache + policy + asynchronous engine on the target context."""
         from .balancer import InfeasibleBudget, inpass_share, slots_for_budget
         from .cache import ExpertCache
@@ -265,7 +264,7 @@ class ModelPair:
         if policy not in NAMES or policy == "oracle":
             raise InputError(f"unknown policy {policy!r} for run (use none, static, lru, lfu or spac)")
         lay = self.layout
-        remainder = self._fit_remainder                  # what a budget or auto-fit leaves after whole slots per layer
+        remainder = fit_remainder                        # what a budget or auto-fit leaves after whole slots per layer
         if cache_slots is None:
             if budget is None:
                 raise InputError("a cache needs --cache-slots N or --budget SIZE")
