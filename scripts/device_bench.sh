@@ -2,7 +2,7 @@
 # Issue 6 on the GPU machine, one command (< 10 minutes): generate the Qwen3-30B-A3B-shaped random
 # pair into /tmp, run the interleaved benchmark, write the JSON + table + plot.
 #
-# Assumes: cwd = repo root; the CUDA build of our llama.cpp at $CUDA_LIB (default .dev/cuda/lib:
+# Assumes: cwd = repo root; the CUDA build of our llama.cpp at $CUDA_LIB (default /tmp/spac-cuda/lib:
 # libllama.so + libggml*.so, e.g. from `SKIP_TESTS=1 bash scripts/device_test.sh`); llama_cpp, gguf, numpy (torch, matplotlib optional) on PYTHONPATH;
 # the qwen2 vocab GGUF at $VOCAB (or one of the paths tried below).
 # Outputs: docs/bench/gpu-DATE.{json,md,png} and copies in "$OUT" (when set), plus bench.log.
@@ -18,7 +18,7 @@ MODELS=${MODELS:-/tmp/spac-bench-$SCALE}
 DATE=$(date +%F)
 OUTDIR=${OUT:-}
 LOG=${OUTDIR:-/tmp}/bench.log
-CUDA_LIB=${CUDA_LIB:-$PWD/.dev/cuda/lib}
+CUDA_LIB=${CUDA_LIB:-/tmp/spac-cuda/lib}
 export PYTHONUNBUFFERED=1
 
 if [ -z "${VOCAB:-}" ]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call (< 10 minutes): the CUDA build and the GPU tests (scripts/device_test.sh; SKIP_TESTS=1
-# builds only), then spac's per-pass CPU/GPU split at fixed shares, plain decoding (spac_ar) and K = 5
+# One device call (< 10 minutes): the CUDA build (scripts/device_test.sh; TESTS=1 also runs the GPU
+# tests, as in device_matrix.sh), then spac's per-pass CPU/GPU split at fixed shares, plain decoding (spac_ar) and K = 5
 # (spac), replayed random and qwen3-calibrated routing, with llama_ar_cpu in the first run as the anchor
 # and again at the end while time is left (ANCHOR_END=0: not).
 # FIT=1 also runs scripts/device_fit.sh. A share written `S:NAME` runs with the environment variable
@@ -8,7 +8,8 @@
 # rows read their misses from pinned host memory on the GPU); both: `S+dN:NAME=VALUE`; several
 # variables: `S:A=1,B=0` (tag S-A-B0).
 #   SHARES="0.7 1 auto auto+d1" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
-# ROUTINGS (default random,qwen3-calibrated) and SYSTEMS (default spac_ar,spac) narrow the runs.
+# ROUTINGS (default random,qwen3-calibrated) and SYSTEMS (default spac_ar,spac) narrow the runs;
+# BENCH_ARGS adds bench_gpu.py flags to every run (e.g. "--pass-slots 0").
 # Carry: .whl, .dev/llama-src.tar.xz, .dev/vocab (see scripts/device_test.sh).
 set -uo pipefail
 set -f   # entries are words, never globs
@@ -16,12 +17,12 @@ OUT=${OUT:-/tmp/split}
 SHARES=${SHARES:-0.7 0.5 0.35}
 mkdir -p "$OUT"
 T0=$(date +%s)
-bash scripts/device_test.sh 2>&1 | tee "$OUT/tests.txt" | tail -4
+SKIP_TESTS=$([ "${TESTS:-0}" = 1 ] && echo 0 || echo 1) bash scripts/device_test.sh 2>&1 | tee "$OUT/tests.txt" | tail -4
 export PYTHONPATH=/tmp/site:$PWD
 M=/tmp/spac-bench-full
 [ -f $M/bench-target.gguf ] || python3 scripts/make_bench_model.py --out $M --scale full --vocab .dev/vocab/ggml-vocab-qwen2.gguf | tail -1
 [ "${FIT:-0}" = 1 ] && { bash scripts/device_fit.sh 2>&1 | tee "$OUT/fit.txt"; }
-B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf --routing ${ROUTINGS:-random,qwen3-calibrated} --budgets 0.17 --acceptances 0.7 --repeats 2 --no-bw --no-anchor-end"
+B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf --routing ${ROUTINGS:-random,qwen3-calibrated} --budgets 0.17 --acceptances 0.7 --repeats 2 --no-bw --no-anchor-end ${BENCH_ARGS:-}"
 first=1
 for entry in $SHARES; do
   sh=${entry%%:*}; mode=${entry#*:}; [ "$mode" = "$entry" ] && mode=""

@@ -5,7 +5,9 @@
 # with .dev and .whl carried:  bash scripts/device_test.sh [pytest args]
 set -euo pipefail
 ROOT=$(pwd)
-DEV=$ROOT/.dev/cuda
+# the build lives outside the carried paths: carrying .dev replaces that folder on the device, so a
+# build kept there was lost on every call and a warm machine rebuilt from nothing (180 s)
+DEV=${CUDA_DIR:-/tmp/spac-cuda}
 SITE=/tmp/site
 mkdir -p "$DEV"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$ROOT"/.whl/*.whl

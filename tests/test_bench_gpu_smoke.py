@@ -77,6 +77,9 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     # the plan stops' time reaches the JSON (waiting for the nodes before the plan, the plan itself)
     assert rows["spac"]["plans"] > 0 and rows["spac"]["plan_s"] > 0 and rows["spac"]["stop_s"] > 0
     assert rows["llama_ar_cpu"]["plans"] == 0 and rows["llama_ar_cpu"]["plan_s"] == 0
+    # the per-pass roofline's GPU term comes from this run even without llama_ar_gpu among the systems
+    assert sorted(doc["gpu_pass_rows_s"]) == ["1", "6"] and all(v > 0 for v in doc["gpu_pass_rows_s"].values())
+    assert "bound only" in doc["gpu_pass_rows_basis"]
     # the CPU baseline is timed at both ends of the run (it drifts): one row, both visits' rates in it
     base = [row for row in doc["results"] if row["system"] == "llama_ar_cpu"]
     assert len(base) == 1 and base[0]["repeats"] == 1 and len(base[0]["tps_runs"]) == 2, base
