@@ -222,6 +222,10 @@ class Probe(PassObserver):
         if self._replay is not None:                   # the rows' positions pick the trace's rows
             self._replay.set_rows(self.pair.target_ctx.ptr, n_past, n_rows)
         if kind == "verify":
+            if self.native_at_verify is None and self.pair.cache is not None and native.available():
+                # the prompt's pass loads and plans too (tens of misses per layer): the counters the
+                # run reports start here, so they cover the same passes as its tok/s and pass count
+                self.native_at_verify = self.pair.cache.counters()
             self.rows.append(n_rows)
             self._verify_at = n_past
 
@@ -247,6 +251,7 @@ class Probe(PassObserver):
         self.unique: list[int] = []
         self.uncached: list[int] = []
         self.engine_before_s = self.engine_after_s = 0.0
+        self.native_at_verify: dict | None = None      # the cache's counters when the first verify began
 
     def finish(self) -> None:
         """The run's routing statistics and replay self-check, after the timed loop."""
@@ -311,6 +316,7 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
     n1 = pair.cache.counters() if n0 is not None else None
     e1 = dict(pair.engine.timers) if pair.engine is not None else {}
     p1 = pair.engine.pass_seconds if pair.engine is not None else {}
+    nv = (probe.native_at_verify or n1) if n0 is not None else None
     dec = probe.decodes[1:] if len(prompt) > 1 else probe.decodes      # first call is the prefill
     gen_s = st.t_last - st.t_start - st.t_prefill
     m = {
@@ -331,7 +337,9 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         "catch_up_pair": {("split" if k else "batch"): [c, 1e3 * t] for k, (c, t) in pair.catch_up.seconds.items()} if drafter else {},
         "hits": c1["hits"] - c0["hits"], "misses": c1["misses"] - c0["misses"], "bytes_copied": c1["bytes"] - c0["bytes"],
         "unique_experts": int(sum(probe.unique)), "uncached_experts": int(sum(probe.uncached)),
-        **{k: (n1[k] - n0[k]) if n0 else (0.0 if k.endswith("_s") else 0) for k in NATIVE_COUNTERS},
+        # the cache's counters over the verify passes (the prefill's apart: it is not in the tok/s)
+        **{k: (n1[k] - nv[k]) if n0 else (0.0 if k.endswith("_s") else 0) for k in NATIVE_COUNTERS},
+        "prefill_counters": {k: nv[k] - n0[k] for k in ("inpass_loads", "inpass_bytes", "plans")} if n0 else {},
         "routing_seen": bool(probe.unique),
         "replay_rows_checked": probe.replay_checked, "replay_rows_mismatched": probe.replay_mismatched,
         # where the engine's time goes, ms per target pass (ledger reads, poll/publish, the in-pass
@@ -691,6 +699,8 @@ def aggregate(runs: list[dict]) -> dict:
     for k in ("passes", "rows", "n_generated", "hits", "misses", "bytes_copied", "unique_experts", "uncached_experts",
               *NATIVE_COUNTERS):
         agg[k] = float(np.mean([r[k] for r in runs]))
+    agg["prefill_counters"] = {k: float(np.mean([r["prefill_counters"].get(k, 0) for r in runs]))
+                               for k in runs[0]["prefill_counters"]}
     acc = [r["acceptance"] for r in runs if r["acceptance"] is not None]
     agg["acceptance"] = float(np.mean(acc)) if acc else None
     ar = [r["acceptance_rate"] for r in runs if r["acceptance_rate"] is not None]

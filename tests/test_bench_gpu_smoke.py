@@ -77,6 +77,11 @@ def test_bench_gpu_runs_on_the_cpu_and_every_system_does_the_same_work(tmp_path)
     # the plan stops' time reaches the JSON (waiting for the nodes before the plan, the plan itself)
     assert rows["spac"]["plans"] > 0 and rows["spac"]["plan_s"] > 0 and rows["spac"]["stop_s"] > 0
     assert rows["llama_ar_cpu"]["plans"] == 0 and rows["llama_ar_cpu"]["plan_s"] == 0
+    # the cache's counters cover the timed passes only: plain decoding plans each MoE layer once a pass,
+    # and the prompt's pass (with its tens of misses per layer) is reported apart
+    n_moe = doc["model"]["n_layer"]                           # every layer of the bench model is MoE
+    assert rows["spac_ar"]["plans"] == rows["spac_ar"]["passes"] * n_moe, (rows["spac_ar"]["plans"], n_moe)
+    assert rows["spac_ar"]["prefill_counters"]["plans"] >= n_moe
     # the per-pass roofline's GPU term comes from this run even without llama_ar_gpu among the systems
     assert sorted(doc["gpu_pass_rows_s"]) == ["1", "6"] and all(v > 0 for v in doc["gpu_pass_rows_s"].values())
     assert "bound only" in doc["gpu_pass_rows_basis"]
