@@ -774,7 +774,8 @@ def run_offload1(argv: list[str] | None, systems: list[str], out_path: Path, tim
     return rows
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options (also how scripts/profile_pass.py loads a system exactly as the bench does)."""
     ap = argparse.ArgumentParser(description="spac-gguf GPU benchmark (issue 6)")
     ap.add_argument("--measure-bw", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--target")
@@ -826,6 +827,11 @@ def main(argv=None) -> int:
     ap.add_argument("--spac-direct", type=int, default=0, metavar="ROWS",
                     help="spac: passes of at most ROWS rows read their misses from pinned host memory on the GPU "
                          "(no in-pass upload; 0 off, at most 4)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     a = ap.parse_args(argv)
     if not 0 <= a.spac_direct <= native.DIRECT_MAX_ROWS:
         ap.error(f"--spac-direct must be in 0..{native.DIRECT_MAX_ROWS}, not {a.spac_direct}")

@@ -103,9 +103,9 @@ def main(argv=None) -> int:
     torch.cuda.init()
     lay = gguf_layout.describe(a.target)
     n_ctx = 256 + 48 + 5 + 64
-    ns = argparse.Namespace(target=a.target, draft=a.draft, ngl=99, n_ctx=n_ctx, threads=None, pinned=True, draft_max=5, hw="h200-pcie5",
-                            spac_share=a.share, spac_bonus=float("inf"), spac_direct=0, spac_prefetch=False,
-                            inpass=True)
+    # the bench's own options, so a system loads here exactly as scripts/bench_gpu.py loads it
+    ns = bench_gpu.parser().parse_args(["--target", a.target, "--draft", a.draft, "-ngl", "99", "-c", str(n_ctx),
+                                        "--hw", "h200-pcie5", "--spac-share", a.share, "--draft-max", "5"])
     replay = locality.generate(a.routing, n_layers=lay.n_layer, n_expert=lay.n_expert, k=lay.n_expert_used,
                                tokens=n_ctx, prompts=1, draft_max=0, seed=100).ids
     for system in [s.strip() for s in a.systems.split(",") if s.strip()]:
