@@ -130,10 +130,12 @@ def test_inpass_loads_on_gpu_are_close_and_exact_bytes(files, copy_2d, monkeypat
             assert cache.read_slot(il, int(s), p, n) == raw[off:off + n].tobytes()
 
 
-@pytest.mark.parametrize("on_host,copies_first,pass_slots", [(False, False, 0), (True, False, 0), (False, True, 0),
-                                                            (False, False, 8)],
-                         ids=["gpu-slots", "host-slots", "gpu-slots-copies-first", "gpu-pass-slots"])
-def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files, on_host, copies_first, pass_slots, monkeypatch):
+@pytest.mark.parametrize("on_host,copies_first,pass_slots,early_down",
+                         [(False, False, 0, True), (True, False, 0, True), (False, True, 0, True),
+                          (False, False, 8, True), (False, False, 0, False)],
+                         ids=["gpu-slots", "host-slots", "gpu-slots-copies-first", "gpu-pass-slots", "gpu-slots-late-down"])
+def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files, on_host, copies_first, pass_slots, early_down,
+                                                             monkeypatch):
     """Replayed ids (the benchmarks' routing) do not depend on the layer's input, which the plan stop
     copies down for the host branch while the GPU computes the slot branch: the input must be computed
     before the stop reads it (with host slots the plan node can sit on the CPU, the input on the GPU).
@@ -141,9 +143,12 @@ def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files, on_host, cop
     (or 1e-3), with in-pass loads and a host branch every pass. Host slots: the slot branch reads them
     on the CPU (in-pass loads write them in the pass). LLAMA_MOE_COPIES_FIRST=1: the input is fetched
     after the plan's copies are issued, before the compute stream waits for them. Pass slots: misses
-    beyond the free slots upload into the device's pool (nearly every miss loads) and run on the GPU."""
+    beyond the free slots upload into the device's pool (nearly every miss loads) and run on the GPU.
+    The stop's reads are queued with the range before the plan node (the scheduler's launch callback)
+    unless LLAMA_MOE_EARLY_DOWN=0 (a wait of their own, the A/B switch)."""
     from spac_gguf import gguf_layout
     monkeypatch.setenv("LLAMA_MOE_COPIES_FIRST", "1" if copies_first else "0")
+    monkeypatch.setenv("LLAMA_MOE_EARLY_DOWN", "1" if early_down else "0")
     target, _ = files
     lay = gguf_layout.describe(target)
     m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True, pinned_experts=True))
@@ -239,22 +244,37 @@ def test_direct_reads_on_gpu_are_close_and_copy_nothing(files):
     assert cache.counters()["direct_passes"] == before
 
 
-def test_replay_on_gpu_computes_the_given_experts(files):
+@pytest.mark.parametrize("where", ["experts-on-cpu", "cache", "all-gpu"])
+def test_replay_on_gpu_computes_the_given_experts(files, where):
+    """The routing export returns exactly the replayed ids, pass after pass of changing row counts:
+    the ids read down from the GPU (queued into pinned memory, one wait per pass) land in the right
+    layer and row, with the experts on the CPU, with the cache planning every layer, and all on the GPU."""
     from spac_gguf import gguf_layout
     target, _ = files
     lay = gguf_layout.describe(target)
-    m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True))
+    m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=where != "all-gpu",
+                                     pinned_experts=where == "cache"))
     ctx = LlamaContext(m, n_ctx=128)
+    cache = ExpertCache(ctx.ptr, n_slots=4) if where == "cache" else None
     k = lay.n_expert_used
     r = native.NativeRouting(ctx.ptr, m.n_layer, k)
     rng = np.random.default_rng(2)
-    toks = m.tokenize(PROMPTS[0])[:6]
-    want = np.stack([np.stack([rng.permutation(lay.n_expert)[:k] for _ in lay.moe_layers]) for _ in toks])
-    for j, il in enumerate(lay.moe_layers):
-        native.replay(ctx.ptr, il, want[:, j])
-    lg = ctx.decode(toks, "all")
-    assert np.isfinite(lg).all()
-    assert np.array_equal(r.end(len(toks))[:, lay.moe_layers], want)
+    toks = m.tokenize(PROMPTS[0])
+    for n in (6, 1, 3, 1, 6):                       # the export's buffer grows and is reused
+        batch = [int(t) for t in rng.choice(toks, size=n)]
+        want = np.stack([np.stack([rng.permutation(lay.n_expert)[:k] for _ in lay.moe_layers]) for _ in batch])
+        for j, il in enumerate(lay.moe_layers):
+            native.replay(ctx.ptr, il, want[:, j])
+        if cache is not None:
+            cache.set_inpass(0.5, 1 << 20, rng.random((cache.n_layers, cache.n_expert)).astype(np.float32), 0.0)
+        r.begin()
+        lg = ctx.decode(batch, "all")
+        assert np.isfinite(lg).all()
+        assert np.array_equal(r.end(n)[:, lay.moe_layers], want), n
+        if cache is not None:
+            cache.sync()
+    if cache is not None:
+        assert cache.counters()["plans"] > 0
 
 
 def test_auto_fit_on_the_gpu(files):
