@@ -11,15 +11,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/matrix}
 mkdir -p "$OUT"
 T0=$(date +%s)
-M=/tmp/spac-bench-full
-# the bench pair is written during the CUDA build (its own copy of the Python deps: the build's
-# install replaces /tmp/site meanwhile)
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-model .whl/*.whl
-[ -f $M/bench-target.gguf ] || { PYTHONPATH=/tmp/site-model:$PWD python3 scripts/make_bench_model.py --out $M --scale full \
-    --vocab .dev/vocab/ggml-vocab-qwen2.gguf > /tmp/bench-model.log 2>&1 & }
-SKIP_TESTS=$([ "${TESTS:-0}" = 1 ] && echo 0 || echo 1) bash scripts/device_test.sh 2>&1 | tee "$OUT/tests.txt" | tail -4
-wait; tail -1 /tmp/bench-model.log 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD
+source scripts/device_setup.sh          # the CUDA build, the bench pair in $M
 LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) - $([ "${FIT:-1}" = 1 ] && echo "${FIT_S:-110}" || echo 0) ))
 [ "$LEFT" -gt 90 ] || { echo "only $LEFT s left after the build: no benchmark"; exit 1; }
 timeout $(( LEFT - 5 )) python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf \

@@ -17,10 +17,7 @@ OUT=${OUT:-/tmp/split}
 SHARES=${SHARES:-0.7 0.5 0.35}
 mkdir -p "$OUT"
 T0=$(date +%s)
-SKIP_TESTS=$([ "${TESTS:-0}" = 1 ] && echo 0 || echo 1) bash scripts/device_test.sh 2>&1 | tee "$OUT/tests.txt" | tail -4
-export PYTHONPATH=/tmp/site:$PWD
-M=/tmp/spac-bench-full
-[ -f $M/bench-target.gguf ] || python3 scripts/make_bench_model.py --out $M --scale full --vocab .dev/vocab/ggml-vocab-qwen2.gguf | tail -1
+source scripts/device_setup.sh          # the CUDA build, the bench pair in $M
 [ "${FIT:-0}" = 1 ] && { bash scripts/device_fit.sh 2>&1 | tee "$OUT/fit.txt"; }
 B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-draft.gguf --routing ${ROUTINGS:-random,qwen3-calibrated} --budgets 0.17 --acceptances 0.7 --repeats 2 --no-bw --no-anchor-end ${BENCH_ARGS:-}"
 first=1
