@@ -93,7 +93,7 @@ OFFLOAD1 = {"llama_ar_offload1": "llama_ar_cpu", "llama_sd_offload1": "llama_sd_
 # layer's router and its experts, those stops' time (waiting for the nodes before the plan: launch,
 # run, sync; the plan itself), and of the plan: the ids and layer input read down, the copies issued
 NATIVE_COUNTERS = ("inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans",
-                   "stop_s", "plan_s", "down_s", "copy_s", "pass_loads")
+                   "stop_s", "plan_s", "down_s", "copy_s", "pass_loads", "early_downs")
 ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "spac_aks",
                "lru_ar", "spac_ar", "llama_ar_gpu", *OFFLOAD1)
 ROUTINGS = ("model", "random", "qwen3-calibrated", "high-skew")

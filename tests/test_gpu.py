@@ -176,6 +176,8 @@ def test_replayed_passes_with_a_host_branch_on_gpu_are_close(files, on_host, cop
     assert rel < max(1e-3, 2.0 * spread), (rel, spread)
     assert cache.counters()["host_pairs"] > h0 and cache.counters()["inpass_loads"] > 0
     assert (cache.counters()["pass_loads"] > 0) == (pass_slots > 0)
+    # the stop's reads went with the range before the plan node (the launch hook), or not when off
+    assert (cache.counters()["early_downs"] > 0) == (early_down and not copies_first), cache.counters()
 
 
 def test_host_inputs_copied_without_a_wait_give_the_same_logits(files, monkeypatch):
@@ -275,6 +277,28 @@ def test_replay_on_gpu_computes_the_given_experts(files, where):
             cache.sync()
     if cache is not None:
         assert cache.counters()["plans"] > 0
+
+
+def test_routing_export_on_gpu_reads_every_layer_through_pinned_memory(files):
+    """The router's own routing on the GPU (no replay): each decode's ids of every MoE layer are read
+    with one wait into pinned memory (one async read per layer per decode), and they are routings:
+    k distinct experts in range per row."""
+    from spac_gguf import gguf_layout
+    target, _ = files
+    lay = gguf_layout.describe(target)
+    m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=False))
+    ctx = LlamaContext(m, n_ctx=128)
+    r = native.NativeRouting(ctx.ptr, m.n_layer, lay.n_expert_used)
+    toks = m.tokenize(PROMPTS[0])
+    a0 = native.counters(ctx.ptr)["routing_async_reads"]
+    for n in (6, 1, 1):
+        r.begin()
+        ctx.decode(toks[:n] if n > 1 else toks[-1:], "all")
+        ids = r.end(n)[:, lay.moe_layers]
+        assert ids.shape == (n, len(lay.moe_layers), lay.n_expert_used)
+        assert ((ids >= 0) & (ids < lay.n_expert)).all()
+        assert all(len(set(row)) == lay.n_expert_used for row in ids.reshape(-1, lay.n_expert_used))
+    assert native.counters(ctx.ptr)["routing_async_reads"] - a0 == 3 * len(lay.moe_layers)
 
 
 def test_auto_fit_on_the_gpu(files):
