@@ -29,6 +29,7 @@ for entry in $SHARES; do
   LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) ))
   [ "$LEFT" -gt 60 ] || { echo "no time left for share $entry"; break; }
   tag=$sh$(for kv in $mode; do v=${kv#*=}; echo -n "-${kv%%=*}$([ "$v" != 1 ] && echo "$v")"; done)$([ "$direct" != 0 ] && echo "-d$direct")
+  base=$tag; r=2; while [ -e "$OUT/split-$tag.json" ]; do tag=$base-r$r; r=$((r + 1)); done   # an entry again (an A/B interleaved)
   timeout $(( LEFT - 10 )) env $mode $B --out "$OUT/split-$tag.json" --spac-direct $direct \
       --systems ${SYSTEMS:-spac_ar,spac}$([ $first = 1 ] && echo ,llama_ar_cpu) --spac-share $sh --time-limit $(( LEFT - 40 )) 2>&1 \
       | grep -E "tps=" | sed "s/^/[$tag] /" || echo "bench share $entry exit $?"
