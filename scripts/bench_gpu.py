@@ -450,8 +450,9 @@ def load_pair(system: str, budget: float | None, a: argparse.Namespace, lay, cal
     info.setdefault("budget_actual", info["budget"])
     info["pinned_experts"] = bool(getattr(pair.target, "pinned", False))
     if pair.cache is not None and native.available():   # layers with the 2-D copy (the default), as the library reports it
-        info["copy_2d_layers"] = pair.cache.counters()["copy_2d_layers"]
-        info["copy_groups"] = pair.cache.counters()["copy_groups"]           # copies per expert, summed over layers
+        cc = pair.cache.counters()
+        info["copy_2d_layers"] = cc["copy_2d_layers"]
+        info["copy_groups"] = cc["copy_groups"]                              # copies per expert, summed over layers
     info["routing_capture"] = ("native" if native.available() else
                                ("callback" if pair.routing is not None else "off"))
     return pair, Probe(pair, gpu_layers), info
@@ -1069,19 +1070,20 @@ def main(argv=None) -> int:
     # and had to borrow the bound from earlier sessions)
     if a.pass_bound and not any(s == "llama_ar_gpu" for s, _, _ in todo) and \
             any(s in CACHE_POLICY for s, _, _ in todo) and native.available():
-        try:
-            pair, _, _ = load_pair("llama_ar_gpu", 1.0, a, lay, calib_path)
-        except Exception as e:                     # noqa: BLE001
-            log(f"no all-GPU pass bound: {type(e).__name__}: {e}")
-            skipped.append({"system": "llama_ar_gpu", "reason": f"pass bound only: {type(e).__name__}: {e}"})
-        else:
+        with host_inputs_for("llama_ar_gpu", a):     # as llama_ar_gpu runs: stock llama.cpp's scheduler
             try:
-                gpu_pass_rows = measure_pass_rows(pair, prompts[0], sorted({1, a.draft_max + 1}))
-            finally:
-                pair.close()
-            doc["gpu_pass_rows_s"] = gpu_pass_rows
-            doc["gpu_pass_rows_basis"] = "all-GPU pass timed for the bound only (llama_ar_gpu not among the systems)"
-            log("  all-GPU pass time by rows (bound only):", gpu_pass_rows)
+                pair, _, _ = load_pair("llama_ar_gpu", 1.0, a, lay, calib_path)
+            except Exception as e:                     # noqa: BLE001
+                log(f"no all-GPU pass bound: {type(e).__name__}: {e}")
+                skipped.append({"system": "llama_ar_gpu", "reason": f"pass bound only: {type(e).__name__}: {e}"})
+            else:
+                try:
+                    gpu_pass_rows = measure_pass_rows(pair, prompts[0], sorted({1, a.draft_max + 1}))
+                finally:
+                    pair.close()
+                doc["gpu_pass_rows_s"] = gpu_pass_rows
+                doc["gpu_pass_rows_basis"] = "all-GPU pass timed for the bound only (llama_ar_gpu not among the systems)"
+                log("  all-GPU pass time by rows (bound only):", gpu_pass_rows)
 
     first_visit: dict[tuple, tuple[dict, dict]] = {}
     for ph in order:
