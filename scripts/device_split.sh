@@ -6,7 +6,7 @@
 # FIT=1 also runs scripts/device_fit.sh. A share written `S:NAME` runs with the environment variable
 # NAME=1, `S:NAME=VALUE` with that value (an A/B switch); `S+dN` adds --spac-direct N (passes of <= N
 # rows read their misses from pinned host memory on the GPU); both: `S+dN:NAME=VALUE`; several
-# variables: `S:A=1,B=0` (tag S-A-B0).
+# variables: `S:A=1,B=0` (tag S-A-B0); `S@tN` runs with N CPU threads (-t N; before any `:`).
 #   SHARES="0.7 1 auto auto+d1" OUT=... bash scripts/device_split.sh        -> $OUT/split-<share>.json
 # ROUTINGS (default random,qwen3-calibrated) and SYSTEMS (default spac_ar,spac) narrow the runs;
 # BENCH_ARGS adds bench_gpu.py flags to every run (e.g. "--pass-slots 0").
@@ -23,14 +23,16 @@ B="python3 scripts/bench_gpu.py --target $M/bench-target.gguf --draft $M/bench-d
 first=1
 for entry in $SHARES; do
   sh=${entry%%:*}; mode=${entry#*:}; [ "$mode" = "$entry" ] && mode=""
+  thr=""; case $sh in *@t*) thr=${sh#*@t}; sh=${sh%%@t*};; esac     # S@tN: -t N (the CPU threads)
+  case $thr in *[!0-9]*) echo "entry $entry: write S@tN with N a number"; continue;; esac
   direct=0; case $sh in *+d*) direct=${sh#*+d}; sh=${sh%%+d*};; esac
   case $direct in ''|*[!0-9]*) echo "entry $entry: write S+dN with N a number (S+dN:ENV=VALUE)"; continue;; esac
   mode=$(for kv in ${mode//,/ }; do case $kv in *=*) echo -n "$kv ";; *) echo -n "$kv=1 ";; esac; done)   # S:A=1,B or S:A
   LEFT=$(( ${BUDGET_S:-570} - ($(date +%s) - T0) ))
   [ "$LEFT" -gt 60 ] || { echo "no time left for share $entry"; break; }
-  tag=$sh$(for kv in $mode; do v=${kv#*=}; echo -n "-${kv%%=*}$([ "$v" != 1 ] && echo "$v")"; done)$([ "$direct" != 0 ] && echo "-d$direct")
+  tag=$sh$(for kv in $mode; do v=${kv#*=}; echo -n "-${kv%%=*}$([ "$v" != 1 ] && echo "$v")"; done)$([ "$direct" != 0 ] && echo "-d$direct")$([ -n "$thr" ] && echo "-t$thr")
   base=$tag; r=2; while [ -e "$OUT/split-$tag.json" ]; do tag=$base-r$r; r=$((r + 1)); done   # an entry again (an A/B interleaved)
-  timeout $(( LEFT - 10 )) env $mode $B --out "$OUT/split-$tag.json" --spac-direct $direct \
+  timeout $(( LEFT - 10 )) env $mode $B --out "$OUT/split-$tag.json" --spac-direct $direct ${thr:+-t $thr} \
       --systems ${SYSTEMS:-spac_ar,spac}$([ $first = 1 ] && echo ,llama_ar_cpu) --spac-share $sh --time-limit $(( LEFT - 40 )) 2>&1 \
       | grep -E "tps=" | sed "s/^/[$tag] /" || echo "bench share $entry exit $?"
   first=0

@@ -47,5 +47,6 @@ cp -P "$DEV"/lib/*.so* "$SITE/llama_cpp/lib/"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import llama_cpp, spac_gguf.native as n; print('llama_cpp', llama_cpp.__version__, 'native', n.available())"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py "$@"
+    # a bound, so that a hang (a device wait nobody releases) ends the call with the tests named
+    timeout -k 10 "${TEST_TIMEOUT_S:-360}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py "$@"
 fi
