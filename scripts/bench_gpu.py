@@ -91,10 +91,9 @@ OFFLOAD1 = {"llama_ar_offload1": "llama_ar_cpu", "llama_sd_offload1": "llama_sd_
 # the patch's counters a run reports as differences (native.counters): in-pass loads and bytes,
 # layer-passes read from host memory (direct), plans waiting for async loads, plan stops between a
 # layer's router and its experts, those stops' time (waiting for the nodes before the plan: launch,
-# run, sync; the plan itself), and of the plan: the ids and layer input read down, the copies issued;
-# the scheduler's GPU splits queued ahead of the CPU split before them (GGML_SCHED_LAUNCH_AHEAD)
+# run, sync; the plan itself), and of the plan: the ids and layer input read down, the copies issued
 NATIVE_COUNTERS = ("inpass_loads", "inpass_bytes", "direct_passes", "inpass_wait_s", "plans",
-                   "stop_s", "plan_s", "down_s", "copy_s", "pass_loads", "early_downs", "launched_ahead")
+                   "stop_s", "plan_s", "down_s", "copy_s", "pass_loads", "early_downs")
 ALL_SYSTEMS = ("llama_ar_cpu", "llama_ar_layers", "llama_sd_cpu", "sd_lru", "sd_static", "spac", "spac_ak", "spac_aks",
                "lru_ar", "spac_ar", "llama_ar_gpu", *OFFLOAD1)
 ROUTINGS = ("model", "random", "qwen3-calibrated", "high-skew")
@@ -1063,7 +1062,7 @@ def main(argv=None) -> int:
                 f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} (pass slots {r['pass_loads']:.0f}) direct={r['direct_passes']:.0f} plans={r['plans']:.0f} "
                 f"stop_ms/pass={1e3 * r['stop_s'] / max(r['passes'], 1):.2f} plan_ms/pass={1e3 * r['plan_s'] / max(r['passes'], 1):.2f} "
                 f"(down {1e3 * r['down_s'] / max(r['passes'], 1):.2f} copy {1e3 * r['copy_s'] / max(r['passes'], 1):.2f}) "
-                f"ahead/pass={r['launched_ahead'] / max(r['passes'], 1):.1f} match={r['output_matches_reference']}" + (f" anchor={r['anchor_tps_runs']}" if anchor is not None else ""))
+                f"match={r['output_matches_reference']}" + (f" anchor={r['anchor_tps_runs']}" if anchor is not None else ""))
         save()
 
     # the per-pass roofline's GPU term belongs to the same run: without llama_ar_gpu among the systems,

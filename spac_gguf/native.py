@@ -10,7 +10,7 @@ import numpy as np
 import llama_cpp.llama_cpp as llc
 
 _lib = llc._lib  # the libllama that llama_cpp loaded (ours, or LLAMA_CPP_LIB_PATH)
-API_VERSION = 10  # LLAMA_MOE_API_VERSION this package was written against
+API_VERSION = 9  # LLAMA_MOE_API_VERSION this package was written against
 SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_MAPPED = 0, 1, 2, 3   # llama_moe_slot_state
 ERR_ALLOC = -8                                                   # LLAMA_MOE_ERR_ALLOC
 
@@ -123,11 +123,9 @@ def counters(ctx_ptr) -> dict:
     routing export read through pinned memory with one wait per pass (`routing_async_reads`, since the
     context began; 0 where the ids are in host memory) and the plan stops whose reads were queued right
     after the range before them (`early_downs`: their wait is the scheduler's, in `stop_s`, and `down_s`
-    only the copy out of pinned memory), and the scheduler's device splits queued before the host split
-    ahead of them (`launched_ahead`, GGML_SCHED_LAUNCH_AHEAD; since the context began, with or without a
-    cache); 0 from builds without them."""
-    out = (ctypes.c_uint64 * 18)()
-    n = check("cache_counters", api.cache_counters(ctx_ptr, out, 18))
+    only the copy out of pinned memory); 0 from builds without them."""
+    out = (ctypes.c_uint64 * 17)()
+    n = check("cache_counters", api.cache_counters(ctx_ptr, out, 17))
     return {"inpass_loads": int(out[0]), "inpass_bytes": int(out[1]),
             "async_loads": int(out[2]), "async_bytes": int(out[3]), "host_pairs": int(out[4]),
             "direct_passes": int(out[5]), "inpass_wait_s": int(out[6]) * 1e-6, "plans": int(out[7]),
@@ -135,8 +133,7 @@ def counters(ctx_ptr) -> dict:
             "stop_s": int(out[9]) * 1e-6 if n >= 11 else 0.0, "plan_s": int(out[10]) * 1e-6 if n >= 11 else 0.0,
             "down_s": int(out[11]) * 1e-6 if n >= 13 else 0.0, "copy_s": int(out[12]) * 1e-6 if n >= 13 else 0.0,
             "copy_groups": int(out[13]) if n >= 14 else 0, "pass_loads": int(out[14]) if n >= 15 else 0,
-            "routing_async_reads": int(out[15]) if n >= 16 else 0, "early_downs": int(out[16]) if n >= 17 else 0,
-            "launched_ahead": int(out[17]) if n >= 18 else 0}
+            "routing_async_reads": int(out[15]) if n >= 16 else 0, "early_downs": int(out[16]) if n >= 17 else 0}
 
 
 def replay(ctx_ptr, il: int, ids: np.ndarray | None) -> None:

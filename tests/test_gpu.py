@@ -206,36 +206,6 @@ def test_host_inputs_copied_without_a_wait_give_the_same_logits(files, monkeypat
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["1", "2"])
-def test_launch_ahead_gives_the_same_logits(files, monkeypatch, mode):
-    """Launch-ahead (GGML_SCHED_LAUNCH_AHEAD, read whenever a scheduler is made): the GPU split after a
-    CPU split is queued before the CPU computes, behind a stream wait on a host-written word, on the
-    decode thread (1) or a launcher thread (2). Experts on the CPU, and a cache with a host branch; a
-    prompt in several decodes and single rows after it: logits bit-identical to the scheduler without
-    it (the same kernels on the same inputs, only queued earlier), and it ran (the counter), while
-    without it, or under the stock scheduler, it never does."""
-    target, _ = files
-    m = LlamaModel(target, Placement(n_gpu_layers=99, experts_on_cpu=True, pinned_experts=True))
-    toks = m.tokenize(PROMPTS[0] + " " + PROMPTS[1])
-    rows = [int(t) for t in np.random.default_rng(3).integers(100, 1000, 6)]
-    out, ahead = {}, {}
-    for la, sync in (("0", "0"), (mode, "0"), (mode, "1")):
-        monkeypatch.setenv("GGML_SCHED_LAUNCH_AHEAD", la)
-        monkeypatch.setenv("GGML_SCHED_SYNC_HOST_INPUTS", sync)
-        plain = LlamaContext(m, n_ctx=256, n_batch=8)
-        cached = LlamaContext(m, n_ctx=256, n_batch=8)
-        cache = ExpertCache(cached.ptr, n_slots=2, on_host=False)
-        cache.set_inpass(0.5, 1 << 20, np.ones((cache.n_layers, cache.n_expert), np.float32), 0.0)
-        out[la, sync] = [np.vstack([c.decode(toks, "all")] + [c.decode([t], "all") for t in rows]) for c in (plain, cached)]
-        ahead[la, sync] = (native.counters(plain.ptr)["launched_ahead"], cache.counters()["launched_ahead"])
-        assert cache.counters()["host_pairs"] > 0
-        del cache, cached, plain
-    assert ahead["0", "0"] == (0, 0) and ahead[mode, "1"] == (0, 0), ahead
-    assert min(ahead[mode, "0"]) > 0, ahead
-    for a, b in zip(out["0", "0"], out[mode, "0"]):
-        assert np.array_equal(a, b)
-
-
 def test_direct_reads_on_gpu_are_close_and_copy_nothing(files):
     """Direct reads: passes of <= 4 rows compute the experts no slot serves on the GPU straight from
     pinned host memory (the kernels skip the slot-served ids, -1). Logits as close to the stock
