@@ -804,6 +804,10 @@ def parser() -> argparse.ArgumentParser:
                          "all-GPU pass (the per-pass roofline's GPU term; default: timed whenever a cache system runs)")
     ap.add_argument("--no-anchor-end", dest="anchor_end", action="store_false",
                     help="time llama_ar_cpu once (default: again at the end of the run, both visits in its rows)")
+    ap.add_argument("--anchor-between", action="store_true",
+                    help="time llama_ar_cpu again after every other system (a load each, while time is left): each "
+                         "row then also holds its ratio to the mean of the visits just before and after it "
+                         "(anchor_bracket), which a drift of the CPU baseline during the run cannot bend")
     ap.add_argument("--routing", default="random,qwen3-calibrated",
                     help=f"comma list of {', '.join(ROUTINGS)} (model: no replay)")
     ap.add_argument("--no-pinned", dest="pinned", action="store_false", help="host experts mmapped, not pinned")
@@ -1036,19 +1040,25 @@ def main(argv=None) -> int:
         info["visit_s"] = time.perf_counter() - t_visit
         return info, runs
 
-    def add_rows(s: str, b, info: dict, runs: dict, anchor: dict | None = None) -> None:
-        """A row per (routing, acceptance); `anchor`: the same cells timed again at the run's end (the
-        row's statistics then cover both visits, each visit's rates kept apart)."""
+    def add_rows(s: str, b, info: dict, runs: dict, anchor: dict | None = None,
+                 between: list[dict] | None = None) -> list[dict]:
+        """A row per (routing, acceptance), returned; `anchor`: the same cells timed again at the run's
+        end, `between`: visits in between (the row's statistics then cover every visit, each visit's
+        rates kept apart)."""
         nonlocal gpu_pass
+        added = []
         for (routing, acc), rs in runs.items():
             again = (anchor or {}).get((routing, acc), [])
+            mid = [x for v in (between or []) for x in v.get((routing, acc), [])]
             r = {"system": s, "budget": info["budget"] if info["budget"] is not None else b,
                  "budget_actual": info.get("budget_actual"), "acceptance_target": acc,
                  "routing": routing, "drafter": DRAFTER_LABEL if acc is not None else None,
                  "draft_max": a.draft_max if acc is not None else 0, "adaptive": s in ADAPTIVE,
-                 **aggregate(rs + again), "config": info}
-            if anchor is not None:                 # repeats stays per visit (prompts); tps_runs has both
+                 **aggregate(rs + mid + again), "config": info}
+            if anchor is not None or between:      # repeats stays per visit (prompts); tps_runs has all
                 r["anchor_tps_runs"] = {"first": [x["tps"] for x in rs], "last": [x["tps"] for x in again]}
+                if between:
+                    r["anchor_tps_runs"]["between"] = [x["tps"] for x in mid]
                 r["repeats"] = len(rs)
             if r["hit_rate"] is None:              # no cache: the share of routed entries whose experts sit on the GPU
                 r["hit_rate"] = float(r["budget_actual"] or 0.0)
@@ -1058,11 +1068,23 @@ def main(argv=None) -> int:
                               if (x["system"], x["budget"], x["routing"], x["acceptance_target"])
                               != (s, r["budget"], routing, acc)]
             doc["results"].append(r)
+            added.append(r)
             log(f"  {s:16s} b={r['budget']!s:5s} r={routing:16s} a={acc!s:4s} tps={r['tps']:.2f} "
                 f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} (pass slots {r['pass_loads']:.0f}) direct={r['direct_passes']:.0f} plans={r['plans']:.0f} "
                 f"stop_ms/pass={1e3 * r['stop_s'] / max(r['passes'], 1):.2f} plan_ms/pass={1e3 * r['plan_s'] / max(r['passes'], 1):.2f} "
                 f"(down {1e3 * r['down_s'] / max(r['passes'], 1):.2f} copy {1e3 * r['copy_s'] / max(r['passes'], 1):.2f}) "
-                f"match={r['output_matches_reference']}" + (f" anchor={r['anchor_tps_runs']}" if anchor is not None else ""))
+                f"match={r['output_matches_reference']}" + (f" anchor={r['anchor_tps_runs']}" if "anchor_tps_runs" in r else ""))
+        save()
+        return added
+
+    def bracket(rows: list[dict], before: dict | None, after: dict | None) -> None:
+        """Each row's ratio to the CPU baseline's visits just before and after its system ran (the
+        median of each visit, their mean), beside the row's own; a missing side is left out."""
+        for r in rows:
+            sides = {k: statistics.median([x["tps"] for x in v[(r["routing"], None)]])
+                     for k, v in (("before", before), ("after", after)) if v and (r["routing"], None) in v}
+            if sides:
+                r["anchor_bracket"] = {**sides, "ratio": r["tps"] / statistics.mean(sides.values())}
         save()
 
     # the per-pass roofline's GPU term belongs to the same run: without llama_ar_gpu among the systems,
@@ -1086,10 +1108,28 @@ def main(argv=None) -> int:
                 log("  all-GPU pass time by rows (bound only):", gpu_pass_rows)
 
     first_visit: dict[tuple, tuple[dict, dict]] = {}
+    anchor_key = ("llama_ar_cpu", None)
+    anchor_last: dict | None = None         # the CPU baseline's latest visit (its runs), for the brackets
+    anchor_between: list[dict] = []         # its visits after the first, but for the end one
+
+    def anchor_visit(why: str) -> dict | None:
+        """The CPU baseline once more, when a visit like its first still fits in the time left."""
+        left = a.time_limit - (time.perf_counter() - T0)
+        cost = first_visit[anchor_key][0].get("visit_s", 0.0)
+        if left <= 1.2 * cost + 10:
+            log(f"the anchor's visit {why}does not fit ({left:.0f} s left, the first took {cost:.0f} s)")
+            skipped.append({"system": "llama_ar_cpu", "reason": f"anchor {why}: time limit"})
+            return None
+        again = measure(*anchor_key, [None], why=f"anchor {why}(its row has the first visit): ")
+        return again[1] if again is not None else None
+
     for ph in order:
         cs = phases[ph]
         log(f"phase budget={ph}: {len(cs)} cells x {len(a.routings)} routings")
-        for key in dict.fromkeys((s, b) for s, b, _ in cs):
+        keys = list(dict.fromkeys((s, b) for s, b, _ in cs))
+        if a.anchor_between:                # the anchor first, so that every system has a visit before it
+            keys.sort(key=lambda k: k != anchor_key)
+        for key in keys:
             s, b = key
             if time.perf_counter() - T0 > a.time_limit:
                 timed_out = True
@@ -1098,7 +1138,14 @@ def main(argv=None) -> int:
             got = measure(s, b, [acc for cs_, b_, acc in cs if (cs_, b_) == key])
             if got is not None:
                 first_visit[key] = got
-                add_rows(s, b, *got)
+                rows = add_rows(s, b, *got)
+                if key == anchor_key:
+                    anchor_last = got[1]
+                elif a.anchor_between and anchor_last is not None and s != "llama_ar_gpu":
+                    before, anchor_last = anchor_last, anchor_visit("after " + s + " ")
+                    if anchor_last is not None:
+                        anchor_between.append(anchor_last)
+                    bracket(rows, before, anchor_last)
 
     # llama.cpp's small-batch offload systems: this script again, in a process with the variable set
     left = a.time_limit - (time.perf_counter() - T0)
@@ -1114,17 +1161,14 @@ def main(argv=None) -> int:
     # the CPU baseline again at the very end (its rate drifted 32-38 tok/s within one device call):
     # every ratio against it then holds against both ends of the run. Only when it fits: a visit costs
     # about what the first did (its load and its runs, warm-ups included)
-    anchor_key = ("llama_ar_cpu", None)
-    if a.anchor_end and anchor_key in first_visit and len(first_visit) > 1:
-        left = a.time_limit - (time.perf_counter() - T0)
-        cost = first_visit[anchor_key][0].get("visit_s", 0.0)
-        if left > 1.2 * cost + 10:
-            again = measure(*anchor_key, [None], why="anchor at the end (its row has the first visit): ")
-            if again is not None:
-                add_rows(*anchor_key, first_visit[anchor_key][0], first_visit[anchor_key][1], again[1])
-        else:
-            log(f"the anchor's second visit does not fit ({left:.0f} s left, the first took {cost:.0f} s)")
-            skipped.append({"system": "llama_ar_cpu", "reason": "anchor at the end: time limit (its row has the first visit)"})
+    # (with --anchor-between, the visit after the last system is the end one)
+    if anchor_between:
+        add_rows(*anchor_key, first_visit[anchor_key][0], first_visit[anchor_key][1], anchor_between[-1],
+                 between=anchor_between[:-1])
+    elif a.anchor_end and anchor_key in first_visit and len(first_visit) > 1:
+        again = anchor_visit("at the end ")
+        if again is not None:
+            add_rows(*anchor_key, first_visit[anchor_key][0], first_visit[anchor_key][1], again)
 
     # 3. rooflines (after all phases: the all-GPU pass time comes from the reference phase)
     if gpu_pass is None and gpu_pass_rows and 1 in gpu_pass_rows:

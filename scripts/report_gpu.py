@@ -118,6 +118,10 @@ def ratios(doc) -> str:
                             if o:
                                 g = GOALS.get(other) if a is not None else None
                                 parts.append(f"{sp['tps'] / o['tps']:.2f}× {other}" + (f" (goal ≥ {g}×)" if g else ""))
+                                br = sp.get("anchor_bracket") if other == "llama_ar_cpu" else None
+                                if br:                  # against the baseline's visits right before and after it
+                                    sides = " and ".join(f"{br[k]:.2f} tok/s {k}" for k in ("before", "after") if k in br)
+                                    parts.append(f"{br['ratio']:.2f}× llama_ar_cpu bracketed ({sides})")
                         roof = sp.get("roofline", {}).get("split_fraction")
                         if roof:
                             parts.append(f"{roof:.0%} of the split roofline (goal ≥ 80%)")

@@ -138,3 +138,33 @@ def test_the_stock_scheduler_is_held_for_the_pairs_whole_life(monkeypatch):
     assert os.environ[bench_gpu.STOCK_SCHED_ENV] == "0"
     with bench_gpu.host_inputs_for("spac_ar", a) as label:     # "0" reads as off, as ggml's atoi does
         assert label.startswith("asynchronous")
+
+
+def test_anchor_between_brackets_every_system_with_baseline_visits(tmp_path):
+    """--anchor-between: the CPU baseline is timed first (though listed last), again after every other
+    system, and each row holds its ratio to the baseline's visits right before and after it (the
+    visit after one system is the one before the next), so a baseline that drifts during the run
+    shows in the brackets; the baseline's row holds every visit."""
+    mk = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_bench_model.py"), "--out", str(tmp_path),
+                         "--scale", "small"], capture_output=True, text=True, timeout=300)
+    assert mk.returncode == 0, mk.stderr
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"),
+                        "--target", str(tmp_path / "bench-target.gguf"), "--draft", str(tmp_path / "bench-draft.gguf"),
+                        "--systems", "spac_ar,lru_ar,llama_ar_cpu", "--routing", "random", "--budgets", "0.17",
+                        "--repeats", "1", "-n", "12", "--no-bw", "--no-pass-bound", "-t", "2", "--anchor-between",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["system"]: row for row in json.loads(out.read_text())["results"]}
+    base = rows["llama_ar_cpu"]
+    visits = base["anchor_tps_runs"]
+    assert [len(visits[k]) for k in ("first", "between", "last")] == [1, 1, 1], visits
+    assert sorted(base["tps_runs"]) == sorted(sum(visits.values(), []))
+    first, mid, last = visits["first"][0], visits["between"][0], visits["last"][0]
+    # systems in the order given, each between two visits
+    assert rows["spac_ar"]["anchor_bracket"]["before"] == first and rows["spac_ar"]["anchor_bracket"]["after"] == mid
+    assert rows["lru_ar"]["anchor_bracket"]["before"] == mid and rows["lru_ar"]["anchor_bracket"]["after"] == last
+    for name in ("spac_ar", "lru_ar"):
+        br = rows[name]["anchor_bracket"]
+        assert br["ratio"] == pytest.approx(rows[name]["tps"] / ((br["before"] + br["after"]) / 2)), (name, br)
+        assert rows[name]["output_matches_reference"] is True
