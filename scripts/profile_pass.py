@@ -7,7 +7,8 @@ For each system: the pair loaded as scripts/bench_gpu.py loads it, one untimed r
 tokens under torch.profiler (kernels, copies and CUDA runtime calls of every library in the process,
 llama.cpp's included). Writes DIR/<system>.trace.json.gz (chrome trace, open in Perfetto) and
 DIR/<system>.summary.json: per pass kind, GPU kernel time, copy time by direction and size, the
-compute stream's idle gaps, and the host's time blocked in synchronizations. The counters the bench
+compute stream's idle gaps, the host's time blocked in synchronizations, and a split layer's phases
+(scripts/timeline_layers.py, also printed). The counters the bench
 reports (stop, plan, down, copy) come from the host's clock; this is the device's view of the same
 passes. Not a benchmark: the profiler slows launches; use it for where, not how fast.
 """
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_gpu  # noqa: E402
+import timeline_layers  # noqa: E402
 from spac_gguf import gguf_layout, locality  # noqa: E402
 
 
@@ -132,7 +134,9 @@ def main(argv=None) -> int:
                  tps_profiled=m["tps"], pass_kinds=m["pass_kinds"], stop_s=m["stop_s"], plan_s=m["plan_s"],
                  down_s=m["down_s"], copy_s=m["copy_s"], inpass_loads=m["inpass_loads"], config=info,
                  matches=toks == cont)
+        s["layers"] = timeline_layers.layer_phases(doc)      # a split layer's phases (the decode passes')
         (out / f"{system}.summary.json").write_text(json.dumps(s, indent=1, default=float) + "\n")
+        print(timeline_layers.table(s["layers"]))
         print(system, json.dumps({k: s[k] for k in ("tps_profiled", "main_stream_span_us", "main_stream_busy_us",
                                                    "gap_hist_us", "copies", "matches")}, default=float))
         pair.close()
