@@ -14,7 +14,15 @@ group per cached layer and pass. Between the stop reads of layer i and of layer 
   segment                residual, norms, attention, router of layer i+1 (up to its stop reads)
   segment -> reads       the last kernel to the stop reads (the reads' own queueing)
 
-Layers without a host-branch copy (nothing left to the CPU that pass) are counted apart.
+Layers without a host-branch copy (nothing left to the CPU that pass) are counted apart. Where the
+trace has the CUDA runtime calls too (torch's profiler records them, tied to the GPU's work by a
+correlation id), the host's side of the same layers:
+
+  host: stop -> CPU start     the stop reads' end to the slot branch's launch returning (the plan,
+                              the copies issued, the launch): when the CPU branch starts
+  host: CPU branch            from there to the call that copies its result in (the CPU's work)
+  host: CPU done -> segment   that call to the next segment's first kernel (the copy, the launch)
+  slot end - CPU done         the GPU's slot branch end less the CPU's end (> 0: the GPU was later)
 """
 from __future__ import annotations
 
@@ -32,6 +40,17 @@ GROUP_GAP_US = 20.0          # device-to-host reads closer than this are one sto
 def _events(doc) -> list[dict]:
     evs = doc.get("traceEvents", []) if isinstance(doc, dict) else doc
     return [e for e in evs if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy")]
+
+
+def _calls(doc) -> dict:
+    """The CUDA runtime calls by correlation id (what queued each kernel or copy)."""
+    evs = doc.get("traceEvents", []) if isinstance(doc, dict) else doc
+    return {e["args"]["correlation"]: e for e in evs
+            if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+
+
+def _call(calls: dict, e: dict) -> dict | None:
+    return calls.get(e.get("args", {}).get("correlation"))
 
 
 def _is_copy(e: dict, kind: str) -> bool:
@@ -67,7 +86,9 @@ def layer_phases(doc, ids_bytes: int | None = None) -> dict:
         ids_bytes = max(sizes, key=sizes.get)
     ph: dict[str, list[float]] = {k: [] for k in (
         "stop -> first upload", "uploads (summed)", "slot branch", "wait for the CPU", "join -> segment",
-        "segment", "segment -> reads", "layer")}
+        "segment", "segment -> reads", "layer",
+        "host: stop -> CPU start", "host: CPU branch", "host: CPU done -> segment", "slot end - CPU done")}
+    calls = _calls(doc)
     n_up, up_bytes, up_us = [], 0, 0.0
     without = 0
     for a, b in zip(stops, stops[1:]):
@@ -105,6 +126,13 @@ def layer_phases(doc, ids_bytes: int | None = None) -> dict:
         ph["segment"].append(seg_end - seg[0]["ts"])
         ph["segment -> reads"].append(max(0.0, t1 - seg_end))
         ph["layer"].append(t1 - t0 + (b[-1]["ts"] + b[-1]["dur"] - t1))
+        launch, done = _call(calls, slot[0]), _call(calls, join)      # the slot branch's launch, the join's copy
+        if launch is not None and done is not None:
+            cpu0 = launch["ts"] + launch["dur"]
+            ph["host: stop -> CPU start"].append(cpu0 - t0)
+            ph["host: CPU branch"].append(done["ts"] - cpu0)
+            ph["host: CPU done -> segment"].append(seg[0]["ts"] - done["ts"])
+            ph["slot end - CPU done"].append(slot_end - done["ts"])
     out = {"ids_bytes": ids_bytes, "stops_by_ids_bytes": sizes,
            "layers": len(ph["layer"]), "layers_without_host_branch": without,
            "uploads_per_layer": statistics.mean(n_up) if n_up else 0.0,

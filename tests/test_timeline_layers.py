@@ -17,14 +17,23 @@ import timeline_layers  # noqa: E402
 C, U = 7, 9   # the compute stream and the copy stream
 
 
-def k(ts, dur, stream=C):
-    return {"ph": "X", "cat": "kernel", "name": "k", "tid": stream, "ts": ts, "dur": dur}
+_corr = iter(range(1, 1 << 30))
+
+
+def k(ts, dur, stream=C, corr=None):
+    return {"ph": "X", "cat": "kernel", "name": "k", "tid": stream, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+
+def call(ts, dur, corr):
+    """The host's runtime call that queued the event with the same correlation id."""
+    return {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "tid": 1, "ts": ts, "dur": dur,
+            "args": {"correlation": corr}}
 
 
 def cp(ts, dur, kind, nbytes, stream=C):
     pin = "Pinned -> Device" if kind == "HtoD" else "Device -> Pinned"
     return {"ph": "X", "cat": "gpu_memcpy", "name": f"Memcpy {kind} ({pin})", "tid": stream, "ts": ts, "dur": dur,
-            "args": {"bytes": nbytes}}
+            "args": {"bytes": nbytes, "correlation": next(_corr)}}
 
 
 def layer(t, n_up, ids=32):
@@ -33,9 +42,12 @@ def layer(t, n_up, ids=32):
     up0 = t + 5 + 12                                                      # stop -> first upload: 12
     ev += [cp(up0 + 50 * i, 50, "HtoD", 2 << 20, U) for i in range(n_up)]
     s0 = up0 + 50 * n_up + 1
-    ev += [k(s0, 10), k(s0 + 10, 20)]                                     # slot branch: 30
+    c = next(_corr)
+    ev += [k(s0, 10, corr=c), k(s0 + 10, 20)]                             # slot branch: 30
+    ev += [call(t + 5 + 40, 10, c)]                                       # its launch returns at t + 55: the CPU starts
     j = s0 + 30 + 25                                                      # wait for the CPU: 25
-    ev += [cp(j, 3, "HtoD", 65536)]
+    join = cp(j, 3, "HtoD", 65536)
+    ev += [join, call(j - 2, 1, join["args"]["correlation"])]            # the CPU is done at j - 2
     g0 = j + 40                                                           # join -> segment: 40
     ev += [k(g0, 30), k(g0 + 30, 30)]                                     # segment: 60
     return ev, g0 + 60 + 4                                                # segment -> reads: 4
@@ -64,6 +76,12 @@ def test_phases_are_the_made_up_ones():
     assert res["upload_gbps"] == pytest.approx((2 << 20) / 50 / 1e3)
     # a layer: its stop reads (5) and the phases above, less what they share (the slot branch starts 1 after)
     assert res["phases"]["layer"]["median_us"] == pytest.approx(5 + 12 + 150 + 1 + 30 + 25 + 40 + 60 + 4)
+    # the host's side: the CPU from the slot branch's launch (t + 55) to the join's call (j - 2)
+    s0 = 5 + 12 + 150 + 1                                                 # the slot branch, from the layer's t
+    host = {"host: stop -> CPU start": 50, "host: CPU branch": (s0 + 55 - 2) - 55,
+            "host: CPU done -> segment": 42, "slot end - CPU done": -23}
+    for name, us in host.items():
+        assert res["phases"][name]["median_us"] == pytest.approx(us), name
 
 
 def test_the_prompts_layers_apart_and_on_request():
