@@ -1109,8 +1109,8 @@ def main(argv=None) -> int:
 
     first_visit: dict[tuple, tuple[dict, dict]] = {}
     anchor_key = ("llama_ar_cpu", None)
-    anchor_last: dict | None = None         # the CPU baseline's latest visit (its runs), for the brackets
-    anchor_between: list[dict] = []         # its visits after the first, but for the end one
+    anchor_visits: list[dict] = []          # the CPU baseline's visits (their runs) in order: the brackets' ends
+    bracketing = a.anchor_between           # off once a visit no longer fits
 
     def anchor_visit(why: str) -> dict | None:
         """The CPU baseline once more, when a visit like its first still fits in the time left."""
@@ -1140,12 +1140,14 @@ def main(argv=None) -> int:
                 first_visit[key] = got
                 rows = add_rows(s, b, *got)
                 if key == anchor_key:
-                    anchor_last = got[1]
-                elif a.anchor_between and anchor_last is not None and s != "llama_ar_gpu":
-                    before, anchor_last = anchor_last, anchor_visit("after " + s + " ")
-                    if anchor_last is not None:
-                        anchor_between.append(anchor_last)
-                    bracket(rows, before, anchor_last)
+                    anchor_visits.append(got[1])
+                elif bracketing and anchor_visits and s != "llama_ar_gpu":
+                    after = anchor_visit("after " + s + " ")
+                    bracket(rows, anchor_visits[-1], after)
+                    if after is None:
+                        bracketing = False
+                    else:
+                        anchor_visits.append(after)
 
     # llama.cpp's small-batch offload systems: this script again, in a process with the variable set
     left = a.time_limit - (time.perf_counter() - T0)
@@ -1162,9 +1164,9 @@ def main(argv=None) -> int:
     # every ratio against it then holds against both ends of the run. Only when it fits: a visit costs
     # about what the first did (its load and its runs, warm-ups included)
     # (with --anchor-between, the visit after the last system is the end one)
-    if anchor_between:
-        add_rows(*anchor_key, first_visit[anchor_key][0], first_visit[anchor_key][1], anchor_between[-1],
-                 between=anchor_between[:-1])
+    if len(anchor_visits) > 1:
+        add_rows(*anchor_key, first_visit[anchor_key][0], anchor_visits[0], anchor_visits[-1],
+                 between=anchor_visits[1:-1])
     elif a.anchor_end and anchor_key in first_visit and len(first_visit) > 1:
         again = anchor_visit("at the end ")
         if again is not None:

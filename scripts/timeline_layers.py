@@ -27,26 +27,32 @@ correlation id), the host's side of the same layers:
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 UPLOAD_MIN_BYTES = 1 << 20   # an in-pass expert copy (a bench expert is 2.65 MB); smaller ones are inputs
 GROUP_GAP_US = 20.0          # device-to-host reads closer than this are one stop's
 
 
-def _events(doc) -> list[dict]:
+def _spans(doc, cats: tuple[str, ...]) -> list[dict]:
+    """The trace's complete events of these categories."""
     evs = doc.get("traceEvents", []) if isinstance(doc, dict) else doc
-    return [e for e in evs if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy")]
+    return [e for e in evs if e.get("ph") == "X" and e.get("cat") in cats]
 
 
 def _calls(doc) -> dict:
     """The CUDA runtime calls by correlation id (what queued each kernel or copy)."""
-    evs = doc.get("traceEvents", []) if isinstance(doc, dict) else doc
-    return {e["args"]["correlation"]: e for e in evs
-            if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    return {e["args"]["correlation"]: e for e in _spans(doc, ("cuda_runtime",)) if "correlation" in e.get("args", {})}
+
+
+def _within(evs: list[dict], ts: list[float], t0: float, t1: float) -> list[dict]:
+    """The events (sorted by start, `ts` their starts) that start in [t0, t1)."""
+    return evs[bisect.bisect_left(ts, t0):bisect.bisect_left(ts, t1)]
 
 
 def _call(calls: dict, e: dict) -> dict | None:
@@ -61,16 +67,14 @@ def layer_phases(doc, ids_bytes: int | None = None) -> dict:
     """Per-layer phases (µs) of the split layers in a trace; see the module docstring. Only the layers
     whose stop read `ids_bytes` of routed ids (a pass's rows x top-k x 4; default: the most common
     size, the decode passes), so that a prompt's pass does not blend in."""
-    evs = sorted(_events(doc), key=lambda e: e["ts"])
-    kern = [e for e in evs if e["cat"] == "kernel"]
-    if not kern:
+    evs = sorted(_spans(doc, ("kernel", "gpu_memcpy")), key=lambda e: e["ts"])
+    count = Counter(e["tid"] for e in evs if e["cat"] == "kernel")
+    if not count:
         return {"layers": 0, "layers_without_host_branch": 0, "phases": {}}
-    count: dict = {}
-    for e in kern:
-        count[e["tid"]] = count.get(e["tid"], 0) + 1
-    compute = max(count, key=count.get)              # the busiest stream computes
+    compute = count.most_common(1)[0][0]             # the busiest stream computes
     on_c = [e for e in evs if e["tid"] == compute]
     uploads = [e for e in evs if _is_copy(e, "HtoD") and e.get("args", {}).get("bytes", 0) >= UPLOAD_MIN_BYTES]
+    on_c_ts, uploads_ts = [e["ts"] for e in on_c], [e["ts"] for e in uploads]
     # the stop reads: device-to-host copies on the compute stream, grouped
     stops: list[list[dict]] = []
     for e in on_c:
@@ -79,11 +83,9 @@ def layer_phases(doc, ids_bytes: int | None = None) -> dict:
                 stops[-1].append(e)
             else:
                 stops.append([e])
-    sizes: dict[int, int] = {}
-    for g in stops:
-        sizes[g[0]["args"].get("bytes", 0)] = sizes.get(g[0]["args"].get("bytes", 0), 0) + 1
+    sizes = Counter(g[0]["args"].get("bytes", 0) for g in stops)
     if ids_bytes is None and sizes:
-        ids_bytes = max(sizes, key=sizes.get)
+        ids_bytes = sizes.most_common(1)[0][0]
     ph: dict[str, list[float]] = {k: [] for k in (
         "stop -> first upload", "uploads (summed)", "slot branch", "wait for the CPU", "join -> segment",
         "segment", "segment -> reads", "layer",
@@ -96,9 +98,9 @@ def layer_phases(doc, ids_bytes: int | None = None) -> dict:
             continue
         t0 = a[-1]["ts"] + a[-1]["dur"]               # this layer's stop reads done
         t1 = b[0]["ts"]                               # the next layer's stop reads begin
-        win = [e for e in on_c if t0 <= e["ts"] < t1]
+        win = _within(on_c, on_c_ts, t0, t1)
         ks = [e for e in win if e["cat"] == "kernel"]
-        ups = [e for e in uploads if t0 <= e["ts"] < t1]
+        ups = _within(uploads, uploads_ts, t0, t1)
         # the host branch's result: the first host-to-device copy on the compute stream after a kernel
         first_k = ks[0]["ts"] if ks else t1
         joins = [e for e in win if _is_copy(e, "HtoD") and e["ts"] > first_k
@@ -133,7 +135,7 @@ def layer_phases(doc, ids_bytes: int | None = None) -> dict:
             ph["host: CPU branch"].append(done["ts"] - cpu0)
             ph["host: CPU done -> segment"].append(seg[0]["ts"] - done["ts"])
             ph["slot end - CPU done"].append(slot_end - done["ts"])
-    out = {"ids_bytes": ids_bytes, "stops_by_ids_bytes": sizes,
+    out = {"ids_bytes": ids_bytes, "stops_by_ids_bytes": dict(sizes),
            "layers": len(ph["layer"]), "layers_without_host_branch": without,
            "uploads_per_layer": statistics.mean(n_up) if n_up else 0.0,
            "upload_gbps": up_bytes / up_us / 1e3 if up_us else 0.0,
