@@ -167,7 +167,11 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"timeline_layers: cannot read {p}: {e}", file=sys.stderr)
         return 2
-    res = layer_phases(doc, a.ids_bytes)
+    try:
+        res = layer_phases(doc, a.ids_bytes)
+    except (KeyError, TypeError, AttributeError) as e:     # JSON, but not events as CUPTI writes them
+        print(f"timeline_layers: {p} is not a CUPTI trace: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(res, indent=1) if a.json else table(res))
     return 0
 

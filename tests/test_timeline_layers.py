@@ -101,3 +101,9 @@ def test_cli_reads_a_gzipped_trace_and_refuses_a_broken_one(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "timeline_layers.py"), str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+    odd = tmp_path / "odd.json"                                          # JSON, but events without their fields
+    odd.write_text(json.dumps({"traceEvents": [k(0, 1), {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH",
+                                                          "tid": C, "ts": 2, "dur": 1}]}))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "timeline_layers.py"), str(odd)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not a CUPTI trace" in r.stderr and "Traceback" not in r.stderr, r.stderr
