@@ -349,6 +349,10 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
         # [count, summed s, summed in-pass share]
         "pass_kinds": {k: [x - x0 for x, x0 in zip(v, p0.get(k, (0, 0.0, 0.0)))] for k, v in p1.items()
                        if v[0] > p0.get(k, (0,))[0]},
+        # the CPU's time per expert as the split passes measured it, over the profile's (host_rate.py),
+        # at the run's end; None where the split is fixed (sd_lru, a set --spac-share)
+        "cpu_scale": (pair.engine.host_rate.scale if pair.engine is not None and pair.engine.host_rate is not None
+                      and pair.engine.host_rate.passes else None),
         "breakdown": {
             "total_s": gen_s, "draft_s": st.t_draft, "verify_s": st.t_verify,
             "target_decode_s": float(sum(t for _, t in dec)),
@@ -727,6 +731,8 @@ def aggregate(runs: list[dict]) -> dict:
     agg["replay_rows_checked"] = sum(r["replay_rows_checked"] for r in runs)
     agg["replay_rows_mismatched"] = sum(r["replay_rows_mismatched"] for r in runs)
     agg["breakdown"] = {k: float(np.mean([r["breakdown"][k] for r in runs])) for k in runs[0]["breakdown"]}
+    scales = [r["cpu_scale"] for r in runs if r.get("cpu_scale") is not None]
+    agg["cpu_scale"] = float(np.mean(scales)) if scales else None
     kinds: dict = {}                           # verify passes by "rows:gpu|split": [count, mean ms, mean share]
     for r in runs:
         for key, (c, t, sh) in r["pass_kinds"].items():
@@ -1073,7 +1079,8 @@ def main(argv=None) -> int:
                 f"passes={r['passes']:.0f} acc={r['acceptance']} hit={r['hit_rate']} inpass={r['inpass_loads']:.0f} (pass slots {r['pass_loads']:.0f}) direct={r['direct_passes']:.0f} plans={r['plans']:.0f} "
                 f"stop_ms/pass={1e3 * r['stop_s'] / max(r['passes'], 1):.2f} plan_ms/pass={1e3 * r['plan_s'] / max(r['passes'], 1):.2f} "
                 f"(down {1e3 * r['down_s'] / max(r['passes'], 1):.2f} copy {1e3 * r['copy_s'] / max(r['passes'], 1):.2f}) "
-                f"match={r['output_matches_reference']}" + (f" anchor={r['anchor_tps_runs']}" if "anchor_tps_runs" in r else ""))
+                + (f"cpu_scale={r['cpu_scale']:.2f} " if r.get("cpu_scale") is not None else "")
+                + f"match={r['output_matches_reference']}" + (f" anchor={r['anchor_tps_runs']}" if "anchor_tps_runs" in r else ""))
         save()
         return added
 

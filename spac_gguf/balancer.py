@@ -286,7 +286,7 @@ def _loads_for(cached: np.ndarray, res: np.ndarray, resident: np.ndarray, d: np.
 
 def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_expert: int, n_slots: int,
                  miss_rate: float = 1.0, prev: float | None = None, hysteresis: float = 0.15,
-                 reuse: float = 0.0, pass_slots: int | None = None) -> float:
+                 reuse: float = 0.0, pass_slots: int | None = None, cpu_scale: float = 1.0) -> float:
     """The per-pass split (the fast path that runs before every verify, in microseconds): the share
     of a layer's distinct misses the GPU uploads and computes, the rest going to the CPU meanwhile.
 
@@ -316,6 +316,10 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
     locality (reuse 0.45 for Qwen3-30B-A3B) this keeps plain decoding all on the GPU, as measured on
     the H200 (71 vs 56 tok/s for a split); with random routing a split still wins.
 
+    `cpu_scale`: the CPU's time per expert as measured while decoding, over the profile's
+    (host_rate.HostRate: 1.03 on session 14's H200 host, 1.5 on session 15's); the split moves with
+    it, the CPU's part shrinking where the CPU is slow today.
+
     `prev`, the share of the last pass: a switch between all-GPU (1) and a split needs the other to be
     `hysteresis` faster. The two run different graphs (with and without a host branch), so flipping on
     the recent miss rate's noise rebuilds graphs and was measured slower than either fixed choice.
@@ -328,6 +332,7 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
         return 1.0 if prev is None or prev >= 1.0 else 0.999
     cpu, gpu, copy = hw.expert_costs(rows * k / max(distinct, 1.0), expert_bytes)
     up = copy - gpu                                                       # the upload alone
+    cpu *= min(max(float(cpu_scale), 0.25), 4.0)
     r = min(max(float(reuse), 0.0), 0.95)
     n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))   # both pipes finish together
     kept = n                                                  # uploads that stay in a cache slot

@@ -64,7 +64,7 @@ class SlotStore(Protocol):
 
 class Engine:
     def __init__(self, store: SlotStore, policy, link_bytes: int, inpass: InPass | None = None,
-                 plan_every: int = 1, split=None):
+                 plan_every: int = 1, split=None, host_rate=None):
         self.store, self.policy = store, policy
         self.link_bytes = int(link_bytes)
         self.inpass = inpass
@@ -89,6 +89,12 @@ class Engine:
         self.pass_seconds: dict[str, list] = {}
         self._pass_key: str | None = None
         self._pass_share = 1.0
+        # the CPU's measured rate (host_rate.HostRate, which the split reads): a split pass's counters
+        # before it, then its host time and uploads until its routing gives the experts it missed
+        self.host_rate = host_rate
+        self._counters_before: dict | None = None
+        self._last_key: str | None = None               # the last verify's rows and kind
+        self._host_pass: tuple | None = None
 
     def _lap(self, what: str, t0: float) -> float:
         t = time.perf_counter()
@@ -124,8 +130,16 @@ class Engine:
             if self._sent is None or share != self._sent_share or not np.array_equal(pr, self._sent):
                 self.store.set_inpass(share, self.inpass.max_loads, pr, self.inpass.routed_bonus)
                 self._sent, self._sent_share = pr, share
-            self._pass_key = f"{rows}:{'gpu' if share >= 1.0 else 'split'}"
+            key = f"{rows}:{'gpu' if share >= 1.0 else 'split'}"
+            # a pass of another shape than the last rebuilds the graph on the host, time the CPU rate
+            # must not take for expert work (the first 1-row pass of a K = 5 run took 39 ms, the
+            # steady ones 17.5: its sample alone sent the split to all-GPU passes): steady passes only
+            steady, self._last_key = key == self._last_key, key
+            self._pass_key = key
             self._pass_share = float(share)
+            counters = getattr(self.store, "counters", None)
+            self._counters_before = (counters() if self.host_rate is not None and counters and share < 1.0
+                                     and steady else None)
             self._lap("inpass_policy", t)
 
     def timed_pass(self, seconds: float) -> None:
@@ -136,6 +150,11 @@ class Engine:
             c[1] += seconds
             c[2] += self._pass_share
             self._pass_key = None
+        if self._counters_before is not None:
+            a, b = self._counters_before, self.store.counters()
+            d = {key: b[key] - a[key] for key in ("stop_s", "plan_s", "plans", "inpass_loads", "host_pairs")}
+            self._host_pass = (seconds, d)
+            self._counters_before = None
 
     def reuse_for(self, rows: int) -> float:
         """The measured reuse for passes of `rows` rows (more rows route more experts, so reuse grows
@@ -178,6 +197,11 @@ class Engine:
                 self.reuse[ids.shape[0]] = seen if r is None else r + 0.2 * (seen - r)
             self._missed = routed & ~live
             self._routed = routed
+            if self._host_pass is not None:           # the split pass's CPU experts: misses not uploaded
+                seconds, d = self._host_pass
+                self.host_rate.observe(seconds, d["stop_s"], d["plan_s"], d["plans"],
+                                       int(np.count_nonzero(self._missed)) - d["inpass_loads"], d["host_pairs"])
+        self._host_pass = None
         t = self._lap("hits", t)
         self.policy.observe(ids, accepted)
         t = self._lap("observe", t)
@@ -214,7 +238,8 @@ class Engine:
         return dict(policy=self.policy.name, slots_per_layer=self.store.n_slots, hits=self.hits,
                     misses=self.misses, hit_rate=self.hits / n if n else 0.0, bytes_loaded=self.bytes_loaded,
                     solve_us=1e6 * float(np.mean(self.solve_s)) if self.solve_s else 0.0,
-                    fallbacks=int(self.policy.fallbacks))
+                    fallbacks=int(self.policy.fallbacks),
+                    **({"host_rate": self.host_rate.stats()} if self.host_rate is not None else {}))
 
 
 class SimulatedSlotStore:

@@ -254,6 +254,7 @@ class ModelPair:
         from .balancer import InfeasibleBudget, inpass_share, slots_for_budget
         from .cache import ExpertCache
         from .engine import Engine
+        from .host_rate import HostRate
         from .hardware import load_profile
         from .policies import NAMES, make_policy
         from .sizes import parse_size
@@ -319,12 +320,16 @@ class ModelPair:
             inpass = InPass(share=None, prefetch=False) if policy == "spac" else InPass()
         ip = inpass or None
         c = self.cache
+        # spac's split prices the CPU's part at the rate its split passes measure (the upstream design,
+        # lru, keeps a fixed share and measures nothing)
+        host_rate = HostRate(profile, c.expert_bytes) if ip is not None and ip.share is None else None
         def split(rows: int, miss_rate: float, prev: float | None = None, reuse: float = 0.0) -> float:
             return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate, prev, reuse=reuse,
-                                pass_slots=c.n_pass_slots)
+                                pass_slots=c.n_pass_slots, cpu_scale=host_rate.scale if host_rate else 1.0)
         self._profile = profile
         self.engine = Engine(c, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
-                             plan_every=4 if ip is not None and policy == "spac" else 1, split=split)
+                             plan_every=4 if ip is not None and policy == "spac" else 1, split=split,
+                             host_rate=host_rate)
 
     @property
     def routing_info(self) -> dict | None:
@@ -426,6 +431,7 @@ class ModelPair:
                 "misses": st["misses"], "hit_rate": st.get("hit_rate"), "bytes_loaded": self.cache.bytes_loaded,
                 "slot_bytes": self.cache.slot_bytes, "mean_solve_us": st.get("solve_us"),
                 "fallbacks": st.get("fallbacks"), "inpass": self.engine.inpass is not None,
+                "cpu_scale": st["host_rate"]["cpu_scale"] if "host_rate" in st else None,
                 **self.cache.counters()}
 
     def close(self) -> None:

@@ -105,6 +105,7 @@ CACHE_METRICS = (
     ("cache_bytes_loaded_total", "counter", "bytes copied into slots between passes", "bytes_loaded"),
     ("cache_inpass_loads_total", "counter", "misses copied into slots during passes", "inpass_loads"),
     ("cache_inpass_bytes_total", "counter", "bytes copied into slots during passes", "inpass_bytes"),
+    ("cache_cpu_scale", "gauge", "the CPU's measured time per expert over the hardware profile's", "cpu_scale"),
 )
 
 

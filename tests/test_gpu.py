@@ -353,3 +353,29 @@ def test_pinning_refused_falls_back_with_one_warning(files):
     assert refused.returncode == 0, refused.stderr
     assert refused.stderr.count("could not pin") == 1, refused.stderr
     assert json.loads(refused.stdout)["tokens"] == json.loads(pinned.stdout)["tokens"]
+
+
+def test_spac_measures_the_cpu_rate_from_its_split_passes(files, tmp_path):
+    """spac on the GPU with a link priced slow, so that each verify pass splits its misses: the
+    engine measures the CPU's rate from those passes (host_rate.py) and the output stays the
+    target's."""
+    target, draft = files
+    kw = dict(n_gpu_layers=99, experts_on_cpu=True, n_ctx=256)
+    off = load(target, draft, **kw)
+    ref = [t.token for t in off.generate(PROMPTS[0], max_tokens=32, draft_max=3, stop_at_eog=False)]
+    off.close()
+    slow = tmp_path / "slow-link.toml"
+    slow.write_text("[hw.slow-link]\nlink_gbps = 0.05\ncpu_expert_gbps = 45\ncpu_s_per_expert_token = 1e-6\n"
+                    "gpu_s_per_expert_token = 2e-7\ngpu_pass_s = 0.006\ndraft_s_per_token = 0.002\nhost_branch_s = 0.0\n")
+    on = load(target, draft, policy="spac", cache_slots=2, slots_on_host=False, hw=str(slow), **kw)
+    try:
+        out = [t.token for t in on.generate(PROMPTS[0], max_tokens=32, draft_max=3, stop_at_eog=False)]
+        rate = on.engine.host_rate
+        kinds = dict(on.engine.pass_seconds)
+        assert on.cache_stats()["cpu_scale"] == rate.scale          # what `serve`'s /metrics shows
+    finally:
+        on.close()
+    assert out == ref
+    assert any(k.endswith(":split") for k in kinds), kinds
+    assert rate.passes > 0
+    assert 0.25 <= rate.scale <= 4.0 and rate.scale != 1.0
