@@ -306,6 +306,8 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
     n0 = pair.cache.counters() if pair.cache is not None and native.available() else None
     e0 = dict(pair.engine.timers) if pair.engine is not None else {}
     p0 = {k: list(v) for k, v in pair.engine.pass_seconds.items()} if pair.engine is not None else {}
+    hr = pair.engine.host_rate if pair.engine is not None else None
+    h0 = (hr.total_measured, hr.total_modelled) if hr is not None else None
     out, st = [], None
     for tok in pair.generate(prompt, max_tokens=n, draft_max=K, adaptive=adaptive, stop_at_eog=False,
                              drafter=drafter, observer=probe):
@@ -351,8 +353,10 @@ def run_once(pair: ModelPair, probe: Probe, prompt: list[int], n: int, K: int,
                        if v[0] > p0.get(k, (0,))[0]},
         # the CPU's time per expert as the split passes measured it, over the profile's (host_rate.py),
         # at the run's end; None where the split is fixed (sd_lru, a set --spac-share)
-        "cpu_scale": (pair.engine.host_rate.scale if pair.engine is not None and pair.engine.host_rate is not None
-                      and pair.engine.host_rate.passes else None),
+        "cpu_scale": hr.scale if hr is not None and hr.measured else None,
+        # ... and this run's own: its passes' host time over the profile's price (sums, not smoothed)
+        "cpu_scale_run": ((hr.total_measured - h0[0]) / (hr.total_modelled - h0[1])
+                          if hr is not None and hr.total_modelled > h0[1] else None),
         "breakdown": {
             "total_s": gen_s, "draft_s": st.t_draft, "verify_s": st.t_verify,
             "target_decode_s": float(sum(t for _, t in dec)),
@@ -731,8 +735,9 @@ def aggregate(runs: list[dict]) -> dict:
     agg["replay_rows_checked"] = sum(r["replay_rows_checked"] for r in runs)
     agg["replay_rows_mismatched"] = sum(r["replay_rows_mismatched"] for r in runs)
     agg["breakdown"] = {k: float(np.mean([r["breakdown"][k] for r in runs])) for k in runs[0]["breakdown"]}
-    scales = [r["cpu_scale"] for r in runs if r.get("cpu_scale") is not None]
-    agg["cpu_scale"] = float(np.mean(scales)) if scales else None
+    for key in ("cpu_scale", "cpu_scale_run"):
+        scales = [r[key] for r in runs if r.get(key) is not None]
+        agg[key] = float(np.mean(scales)) if scales else None
     kinds: dict = {}                           # verify passes by "rows:gpu|split": [count, mean ms, mean share]
     for r in runs:
         for key, (c, t, sh) in r["pass_kinds"].items():
@@ -1080,6 +1085,7 @@ def main(argv=None) -> int:
                 f"stop_ms/pass={1e3 * r['stop_s'] / max(r['passes'], 1):.2f} plan_ms/pass={1e3 * r['plan_s'] / max(r['passes'], 1):.2f} "
                 f"(down {1e3 * r['down_s'] / max(r['passes'], 1):.2f} copy {1e3 * r['copy_s'] / max(r['passes'], 1):.2f}) "
                 + (f"cpu_scale={r['cpu_scale']:.2f} " if r.get("cpu_scale") is not None else "")
+                + (f"(run {r['cpu_scale_run']:.2f}) " if r.get("cpu_scale_run") is not None else "")
                 + f"match={r['output_matches_reference']}" + (f" anchor={r['anchor_tps_runs']}" if "anchor_tps_runs" in r else ""))
         save()
         return added

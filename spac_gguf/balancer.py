@@ -332,7 +332,7 @@ def inpass_share(hw: HardwareProfile, expert_bytes: int, rows: int, k: int, n_ex
         return 1.0 if prev is None or prev >= 1.0 else 0.999
     cpu, gpu, copy = hw.expert_costs(rows * k / max(distinct, 1.0), expert_bytes)
     up = copy - gpu                                                       # the upload alone
-    cpu *= min(max(float(cpu_scale), 0.25), 4.0)
+    cpu *= float(cpu_scale)                                               # host_rate.HostRate keeps it in [1/4, 4]
     r = min(max(float(reuse), 0.0), 0.95)
     n = min(m, (hw.host_branch_s + m * cpu) / (up + cpu))   # both pipes finish together
     kept = n                                                  # uploads that stay in a cache slot

@@ -7,7 +7,11 @@ that computes them) and evicts by the policy's priority; the engine re-reads the
                                          plan, issue loads
     engine.before_verify(rows)           poll completed loads, publish maps (never an incomplete slot),
                                          hand the in-pass policy (share for these rows, priorities) to the C side
+    engine.timed_pass(seconds)           the verify decode's time: per pass kind, and with the counters' change over
+                                         a steady split pass, the CPU's measured rate (host_rate.py) that the split reads
+    engine.other_decode()                a prompt decoded on the target: the next verify's graph is built anew
     engine.stats()                       policy, slots_per_layer, hits, misses, bytes_loaded, solve_us, fallbacks
+                                         (+ host_rate: cpu_scale, passes, ... where the split measures the CPU)
 """
 from __future__ import annotations
 
@@ -108,6 +112,7 @@ class Engine:
 
     def before_verify(self, rows: int = 1) -> None:
         t = time.perf_counter()
+        self._counters_before = self._host_pass = None  # what a pass that raised midway left behind
         self._sync()
         t = self._lap("ledger", t)
         self.store.poll()
@@ -142,6 +147,10 @@ class Engine:
                                      and steady else None)
             self._lap("inpass_policy", t)
 
+    def other_decode(self) -> None:
+        """The target decoded something else (a prompt): the next verify's graph is built anew."""
+        self._last_key = None
+
     def timed_pass(self, seconds: float) -> None:
         """The verify decode that followed before_verify took `seconds` (the verifier times it)."""
         if self._pass_key is not None:
@@ -152,8 +161,11 @@ class Engine:
             self._pass_key = None
         if self._counters_before is not None:
             a, b = self._counters_before, self.store.counters()
-            d = {key: b[key] - a[key] for key in ("stop_s", "plan_s", "plans", "inpass_loads", "host_pairs")}
-            self._host_pass = (seconds, d)
+            d = {key: b[key] - a[key] for key in ("stop_s", "plan_s", "plans", "inpass_loads", "host_pairs",
+                                                  "direct_passes", "inpass_wait_s")}
+            # a miss served by a load already under way, or read in place on the GPU, is neither
+            # uploaded in the pass nor computed by the CPU: such a pass's CPU work is not known
+            self._host_pass = None if d["direct_passes"] or d["inpass_wait_s"] else (seconds, d)
             self._counters_before = None
 
     def reuse_for(self, rows: int) -> float:
@@ -201,6 +213,8 @@ class Engine:
                 seconds, d = self._host_pass
                 self.host_rate.observe(seconds, d["stop_s"], d["plan_s"], d["plans"],
                                        int(np.count_nonzero(self._missed)) - d["inpass_loads"], d["host_pairs"])
+            elif self.host_rate is not None:          # all-GPU, not steady, or not countable: nothing learnt
+                self.host_rate.skipped()
         self._host_pass = None
         t = self._lap("hits", t)
         self.policy.observe(ids, accepted)

@@ -95,6 +95,8 @@ class TargetVerifier(ContextSide):
 
     def prefill(self, tokens: list[int]) -> None:
         if tokens:
+            if self.engine is not None:
+                self.engine.other_decode()
             self._decode(tokens, "last", "prefill")
 
     def verify(self, tokens: list[int]) -> np.ndarray:
@@ -325,7 +327,7 @@ class ModelPair:
         host_rate = HostRate(profile, c.expert_bytes) if ip is not None and ip.share is None else None
         def split(rows: int, miss_rate: float, prev: float | None = None, reuse: float = 0.0) -> float:
             return inpass_share(profile, c.expert_bytes, rows, c.k, c.n_expert, c.n_slots, miss_rate, prev, reuse=reuse,
-                                pass_slots=c.n_pass_slots, cpu_scale=host_rate.scale if host_rate else 1.0)
+                                pass_slots=c.n_pass_slots, cpu_scale=host_rate.scale if host_rate is not None else 1.0)
         self._profile = profile
         self.engine = Engine(c, pol, profile.link_bytes_during_draft(max(draft_max, 1)), inpass=ip,
                              plan_every=4 if ip is not None and policy == "spac" else 1, split=split,
@@ -431,7 +433,7 @@ class ModelPair:
                 "misses": st["misses"], "hit_rate": st.get("hit_rate"), "bytes_loaded": self.cache.bytes_loaded,
                 "slot_bytes": self.cache.slot_bytes, "mean_solve_us": st.get("solve_us"),
                 "fallbacks": st.get("fallbacks"), "inpass": self.engine.inpass is not None,
-                "cpu_scale": st["host_rate"]["cpu_scale"] if "host_rate" in st else None,
+                "cpu_scale": st["host_rate"]["cpu_scale"] if "host_rate" in st else None,   # None: not measured
                 **self.cache.counters()}
 
     def close(self) -> None:

@@ -49,6 +49,33 @@ def test_the_scale_follows_a_machine_that_slows_down_and_ignores_passes_without_
     assert rate.passes == n
 
 
+def test_the_layers_fixed_part_the_split_prices_apart_is_not_counted_twice():
+    """A profile whose split rule adds a fixed host part per layer (host_branch_s, 180 us by default):
+    the scale measures the experts only, so a host exactly as the profile says reads 1."""
+    hw = load_profile("desktop-pcie4x16")
+    assert hw.host_branch_s > 0
+    rate = HostRate(hw, EXPERT)
+    for experts in (40, 148, 652):
+        model = rate.modelled(experts, experts)
+        rate.observe(0.004 + 0.001 + 48 * hw.host_branch_s + model, 0.004, 0.001, 48, experts, experts)
+    assert rate.scale == pytest.approx(1.0)
+
+
+def test_a_measurement_ages_back_to_the_profile_and_says_when_it_has_none():
+    rng = np.random.default_rng(3)
+    rate = HostRate(HW, EXPERT, max_age=10)
+    assert rate.stats()["cpu_scale"] is None                  # nothing measured: not a measured 1
+    _pass(rate, 2.0, 148, 148, rng)
+    for _ in range(9):
+        rate.skipped()                                        # e.g. all-GPU passes, which measure nothing
+    assert rate.scale == pytest.approx(2.0)
+    rate.skipped()
+    assert rate.scale == 1.0 and rate.stats()["cpu_scale"] is None
+    _pass(rate, 1.5, 148, 148, rng)                           # a new measurement starts afresh
+    assert rate.scale == pytest.approx(1.5)
+    assert rate.total_measured / rate.total_modelled == pytest.approx((2.0 + 1.5) / 2)
+
+
 def test_the_scale_is_clamped():
     rng = np.random.default_rng(2)
     rate = HostRate(HW, EXPERT)
@@ -92,7 +119,8 @@ def test_the_engine_feeds_a_split_pass_host_time_and_cpu_experts_to_the_rate():
     class Store(SimulatedSlotStore):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
-            self.c = {"stop_s": 1.0, "plan_s": 0.5, "plans": 10, "inpass_loads": 100, "host_pairs": 7}
+            self.c = {"stop_s": 1.0, "plan_s": 0.5, "plans": 10, "inpass_loads": 100, "host_pairs": 7,
+                      "direct_passes": 0, "inpass_wait_s": 0.0}
 
         def set_inpass(self, *a):
             pass
@@ -111,7 +139,7 @@ def test_the_engine_feeds_a_split_pass_host_time_and_cpu_experts_to_the_rate():
     eng.after_verify(ids, 1)
     assert seen == []
     eng.before_verify(2)                                                 # nothing loaded: 6 misses again
-    store.c = {"stop_s": 1.004, "plan_s": 0.501, "plans": 12, "inpass_loads": 102, "host_pairs": 10}
+    store.c = {**store.c, "stop_s": 1.004, "plan_s": 0.501, "plans": 12, "inpass_loads": 102, "host_pairs": 10}
     eng.timed_pass(0.010)
     eng.after_verify(ids, 1)
     assert len(seen) == 1
@@ -124,3 +152,67 @@ def test_the_engine_feeds_a_split_pass_host_time_and_cpu_experts_to_the_rate():
         eng.timed_pass(0.010)
         eng.after_verify(ids[:rows], 1)
     assert len(seen) == 1
+
+
+def test_the_engine_learns_nothing_from_a_pass_after_a_prompt_an_aborted_pass_or_an_uncountable_one():
+    """Only a split pass of the same shape as the verify before it, with nothing in between, teaches
+    the rate: not the first verify after a prompt (its graph is built anew), not a pass whose
+    after_verify never came (it raised midway: the next pass must not inherit its time), not one
+    whose misses were partly served by loads under way or read in place (its CPU work is unknown);
+    each of those ages the measurement instead."""
+    seen = []
+
+    class Rate(HostRate):
+        def observe(self, *a):
+            seen.append(a)
+            super().observe(*a)
+
+    class Store(SimulatedSlotStore):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.c = {"stop_s": 0.0, "plan_s": 0.0, "plans": 0, "inpass_loads": 0, "host_pairs": 0,
+                      "direct_passes": 0, "inpass_wait_s": 0.0}
+
+        def set_inpass(self, *a):
+            pass
+
+        def counters(self):
+            return dict(self.c)
+
+        def step(self, **extra):             # one split pass's counters: 2 plans, 1 upload, 3 pairs
+            c = self.c
+            self.c = {**c, "stop_s": c["stop_s"] + 0.002, "plan_s": c["plan_s"] + 0.001, "plans": c["plans"] + 2,
+                      "inpass_loads": c["inpass_loads"] + 1, "host_pairs": c["host_pairs"] + 3,
+                      **{k: c[k] + v for k, v in extra.items()}}
+
+    store = Store(2, 8, 2, EXPERT, link_gbps=1.0)
+    rate = Rate(HW, EXPERT)
+    eng = Engine(store, LRUPolicy(2, 8, EXPERT), 0, inpass=InPass(share=None, prefetch=False),
+                 split=lambda *a, **kw: 0.5, host_rate=rate)
+    ids = np.array([[[0, 1], [2, 3]]], np.int32)
+
+    def verify(seconds=0.010, finish=True, **extra):
+        eng.before_verify(1)
+        store.step(**extra)
+        eng.timed_pass(seconds)
+        if finish:
+            eng.after_verify(ids, 1)
+
+    verify()                                     # the first: not steady
+    verify()
+    assert len(seen) == 1 and seen[-1][4] == 4 - 1
+    eng.other_decode()                           # a prompt
+    verify()
+    assert len(seen) == 1
+    verify()
+    assert len(seen) == 2
+    verify(seconds=0.999, finish=False)          # raised before after_verify
+    eng.other_decode()
+    verify()                                     # not steady: learns nothing, its own or the other's
+    assert len(seen) == 2
+    verify(seconds=0.020)
+    assert len(seen) == 3 and seen[-1][0] == 0.020
+    age = rate.age
+    verify(inpass_wait_s=1e-4)
+    verify(direct_passes=1)
+    assert len(seen) == 3 and rate.age == age + 2
