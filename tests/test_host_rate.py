@@ -104,32 +104,48 @@ def test_the_split_moves_with_the_measured_cpu_and_is_the_brute_force_optimum(cp
     assert (inpass_share(HW, EXPERT, 1, 8, 128, 21, m_rate, cpu_scale=cpu_scale * 1.2) > share)
 
 
+class RecordingRate(HostRate):
+    """The rate, with every pass the engine hands it kept in `seen`."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen = []
+
+    def observe(self, *a):
+        self.seen.append(a)
+        super().observe(*a)
+
+
+class CountingStore(SimulatedSlotStore):
+    """The simulated store with the native counters the engine reads around a split pass."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.c = {"stop_s": 0.0, "plan_s": 0.0, "plans": 0, "inpass_loads": 0, "host_pairs": 0,
+                  "direct_passes": 0, "inpass_wait_s": 0.0}
+
+    def set_inpass(self, *a):
+        pass
+
+    def counters(self):
+        return dict(self.c)
+
+    def step(self, **extra):             # one split pass's counters: 2 plans, 1 upload, 3 pairs
+        c = self.c
+        self.c = {**c, "stop_s": c["stop_s"] + 0.002, "plan_s": c["plan_s"] + 0.001, "plans": c["plans"] + 2,
+                  "inpass_loads": c["inpass_loads"] + 1, "host_pairs": c["host_pairs"] + 3,
+                  **{k: c[k] + v for k, v in extra.items()}}
+
+
 def test_the_engine_feeds_a_split_pass_host_time_and_cpu_experts_to_the_rate():
     """The engine hands the rate each steady split pass: its time, the counters' change over it (stop,
     plan, plans, pairs) and as the CPU's experts the pass's distinct misses less its in-pass uploads.
     A pass that uploaded every miss (share 1) teaches nothing, nor one of another shape than the pass
     before it (its graph was rebuilt on the host)."""
-    seen = []
-
-    class Rate(HostRate):
-        def observe(self, *a):
-            seen.append(a)
-            super().observe(*a)
-
-    class Store(SimulatedSlotStore):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.c = {"stop_s": 1.0, "plan_s": 0.5, "plans": 10, "inpass_loads": 100, "host_pairs": 7,
-                      "direct_passes": 0, "inpass_wait_s": 0.0}
-
-        def set_inpass(self, *a):
-            pass
-
-        def counters(self):
-            return dict(self.c)
-
-    store = Store(2, 8, 2, EXPERT, link_gbps=1.0)
-    rate = Rate(HW, EXPERT)
+    store = CountingStore(2, 8, 2, EXPERT, link_gbps=1.0)
+    store.c.update({"stop_s": 1.0, "plan_s": 0.5, "plans": 10, "inpass_loads": 100, "host_pairs": 7})
+    rate = RecordingRate(HW, EXPERT)
+    seen = rate.seen
     shares = iter([0.5, 0.5, 1.0, 0.5, 0.5])
     eng = Engine(store, LRUPolicy(2, 8, EXPERT), 0, inpass=InPass(share=None),
                  split=lambda *a, **kw: next(shares), host_rate=rate)
@@ -160,33 +176,9 @@ def test_the_engine_learns_nothing_from_a_pass_after_a_prompt_an_aborted_pass_or
     after_verify never came (it raised midway: the next pass must not inherit its time), not one
     whose misses were partly served by loads under way or read in place (its CPU work is unknown);
     each of those ages the measurement instead."""
-    seen = []
-
-    class Rate(HostRate):
-        def observe(self, *a):
-            seen.append(a)
-            super().observe(*a)
-
-    class Store(SimulatedSlotStore):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.c = {"stop_s": 0.0, "plan_s": 0.0, "plans": 0, "inpass_loads": 0, "host_pairs": 0,
-                      "direct_passes": 0, "inpass_wait_s": 0.0}
-
-        def set_inpass(self, *a):
-            pass
-
-        def counters(self):
-            return dict(self.c)
-
-        def step(self, **extra):             # one split pass's counters: 2 plans, 1 upload, 3 pairs
-            c = self.c
-            self.c = {**c, "stop_s": c["stop_s"] + 0.002, "plan_s": c["plan_s"] + 0.001, "plans": c["plans"] + 2,
-                      "inpass_loads": c["inpass_loads"] + 1, "host_pairs": c["host_pairs"] + 3,
-                      **{k: c[k] + v for k, v in extra.items()}}
-
-    store = Store(2, 8, 2, EXPERT, link_gbps=1.0)
-    rate = Rate(HW, EXPERT)
+    store = CountingStore(2, 8, 2, EXPERT, link_gbps=1.0)
+    rate = RecordingRate(HW, EXPERT)
+    seen = rate.seen
     eng = Engine(store, LRUPolicy(2, 8, EXPERT), 0, inpass=InPass(share=None, prefetch=False),
                  split=lambda *a, **kw: 0.5, host_rate=rate)
     ids = np.array([[[0, 1], [2, 3]]], np.int32)
